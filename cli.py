@@ -1,0 +1,71 @@
+"""dift-cache command line: thin wiring over `pipeline/`.
+
+Expected faults (bad input, bad parameters) print one line `error: file: field: reason` and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import PipelineError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+def cli():
+    """Cache diffusion features for semantic correspondence; match and score from cache."""
+
+
+@cli.command()
+@click.option("--root", type=click.Path(path_type=Path), required=True, help="SPair-71k root folder.")
+@click.option("--split", type=click.Choice(["trn", "val", "test"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pairs table (parquet).")
+@click.option("--images-out", type=click.Path(path_type=Path), default=None,
+              help="Images table (parquet); default: <out stem>-images.parquet.")
+@click.option("--dataset", type=click.Choice(["spair71k", "demo"]), default="spair71k", show_default=True,
+              help="'demo' first generates the demo dataset into --root.")
+@click.option("--layout", type=click.Choice(["large", "small"]), default=None,
+              help="Read the pair list from Layout/<layout>/<split>.txt instead of PairAnnotation/<split>.")
+@click.option("--category", "categories", multiple=True, help="Keep only these categories (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Demo generator seed.")
+def prepare(root, split, out, images_out, dataset, layout, categories, seed):
+    """Read one split into a pairs table and an images table."""
+    from pipeline import demo, spair
+
+    if dataset == "demo":
+        demo.generate(root, demo.DemoSpec(seed=seed))
+    tables = spair.load_split(root, split, layout=layout, categories=list(categories))
+    images_out = images_out or out.with_name(f"{out.stem}-images.parquet")
+    spair.write_split(tables, out, images_out)
+    click.echo(f"{len(tables.pairs)} pairs, {len(tables.images)} images, "
+               f"{tables.pairs['kps_ids'].map(len).sum()} keypoints -> {out}, {images_out}")
+
+
+@cli.command()
+@click.argument("predictions", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=Path("metrics/pck.json"),
+              show_default=True)
+@click.option("--table", "table_path", type=click.Path(path_type=Path), default=Path("metrics/pck.csv"),
+              show_default=True)
+def evaluate(predictions, metrics_path, table_path):
+    """PCK of one or more predictions tables (parquet)."""
+    from pipeline import metrics
+
+    frame = metrics.read_predictions(predictions)
+    table = metrics.write_metrics(frame, metrics_path, table_path)
+    click.echo(metrics.format_headline(table))
+
+
+if __name__ == "__main__":
+    cli()

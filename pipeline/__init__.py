@@ -1,0 +1,1 @@
+"""dift-cache: cache diffusion features for semantic correspondence, match and score offline."""

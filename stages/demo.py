@@ -1,0 +1,13 @@
+"""DVC stage `demo`: write the demo dataset (params: demo)."""
+
+from pipeline import demo
+from pipeline.config import load_params
+
+
+def main() -> None:
+    params = load_params()
+    demo.generate("data/demo", demo.DemoSpec(**vars(params.demo)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+import pandas as pd
+from click.testing import CliRunner
+
+from cli import cli
+
+
+def test_prepare_demo_through_cli(tmp_path):
+    out = tmp_path / "pairs.parquet"
+    result = CliRunner().invoke(cli, ["prepare", "--dataset", "demo", "--root", str(tmp_path / "demo"),
+                                      "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pairs = pd.read_parquet(out)
+    images = pd.read_parquet(tmp_path / "pairs-images.parquet")
+    assert f"{len(pairs)} pairs, {len(images)} images" in result.output
+    assert set(pairs["src_image"]) | set(pairs["trg_image"]) == set(images["image"])
+
+
+def test_prepare_sample_and_missing_image(spair_sample, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x.parquet"
+    result = runner.invoke(cli, ["prepare", "--root", str(spair_sample), "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(out)) == 7
+    (spair_sample / "JPEGImages" / "bus" / "2008_000238.jpg").unlink()
+    result = runner.invoke(cli, ["prepare", "--root", str(spair_sample), "--split", "test", "--out", str(out)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: {spair_sample}/JPEGImages/bus/2008_000238.jpg: image is missing"]
+    assert len(pd.read_parquet(out)) == 7  # the earlier table is untouched
+
+
+def test_evaluate_writes_metrics(tmp_path):
+    frame = pd.DataFrame({"pair": ["a", "b"], "category": ["x", "y"], "trg_x": [0, 0], "trg_y": [0, 0],
+                          "pred_x": [0, 30], "pred_y": [0, 0], "threshold": [100.0, 100.0], "layer": ["l", "l"]})
+    frame.to_parquet(tmp_path / "p.parquet")
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "p.parquet"), "--metrics", str(tmp_path / "m.json"),
+                                      "--table", str(tmp_path / "m.csv")])
+    assert result.exit_code == 0, result.output
+    assert "PCK@0.1" in result.output
+    table = pd.read_csv(tmp_path / "m.csv")
+    row = table[(table.kind == "per_point") & (table.category == "all") & (table.alpha == 0.1)]
+    assert row["pck"].item() == 0.5

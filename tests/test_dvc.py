@@ -1,0 +1,56 @@
+"""`dvc repro` end to end in a scratch git repository holding a copy of the project."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
+
+
+def _run(cwd, *args):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, root / name)
+    _run(root, "git", "init", "-q")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+def _stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_then_noop_then_only_dependents(project):
+    dvc = (sys.executable, "-m", "dvc")
+    first = _run(project, *dvc, "repro")
+    assert {"demo", "prepare"} <= _stages_run(first)
+    assert (project / "data" / "prepared" / "pairs.parquet").is_file()
+    assert _stages_run(_run(project, *dvc, "repro")) == set()
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["categories"] = ["star"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    rerun = _stages_run(_run(project, *dvc, "repro"))
+    assert "prepare" in rerun and "demo" not in rerun

@@ -1,0 +1,72 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import bbox_threshold, metrics_summary, pck_table
+
+
+def _predictions(**variant):
+    # pair a: 2 keypoints off by 10 and 11 px, pair b: exact, pair c (other category): off by 50 px.
+    frame = pd.DataFrame({
+        "pair": ["a", "a", "b", "c"], "category": ["cat", "cat", "cat", "dog"],
+        "trg_x": [5, 5, 5, 5], "trg_y": [7, 7, 7, 7],
+        "pred_x": [15, 5, 5, 5], "pred_y": [7, 18, 7, 57], "threshold": [100.0] * 4,
+    })
+    return frame.assign(**variant)
+
+
+def _pck(table, kind, category, alpha, **variant):
+    rows = table[(table["kind"] == kind) & (table["category"] == category) & np.isclose(table["alpha"], alpha)]
+    for column, value in variant.items():
+        rows = rows[rows[column] == value]
+    assert len(rows) == 1
+    return rows["pck"].item()
+
+
+def test_threshold_is_the_longer_box_side_without_plus_one():
+    assert bbox_threshold([36, 92, 500, 200]) == 464.0
+    assert bbox_threshold([10, 10, 20, 60]) == 50.0
+
+
+def test_boundary_is_inclusive():
+    table = pck_table(_predictions())
+    # distance 10 with threshold 100 is exactly alpha 0.1: correct; 11 is not.
+    assert _pck(table, "per_point", "all", 0.1) == pytest.approx(2 / 4)
+    assert _pck(table, "per_point", "all", 0.05) == pytest.approx(1 / 4)
+    assert _pck(table, "per_point", "all", 0.15) == pytest.approx(3 / 4)
+
+
+def test_per_image_differs_from_per_point():
+    table = pck_table(_predictions())
+    # per image: mean over pairs of (1/2, 1, 0); per point: 2 of 4.
+    assert _pck(table, "per_image", "all", 0.1) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert _pck(table, "per_point", "all", 0.1) == pytest.approx(0.5)
+    assert _pck(table, "per_image", "cat", 0.1) == pytest.approx(0.75)
+    assert _pck(table, "per_point", "cat", 0.1) == pytest.approx(2 / 3)
+    assert _pck(table, "per_image", "dog", 0.1) == 0.0
+    # mean of categories weighs the one-pair category like the two-pair one.
+    assert _pck(table, "per_image", "mean", 0.1) == pytest.approx((0.75 + 0) / 2)
+    assert _pck(table, "per_point", "mean", 0.1) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_variants_are_scored_separately():
+    exact = _predictions(layer="up_blocks.1", timestep=261).assign(pred_x=5, pred_y=7)
+    table = pck_table(pd.concat([_predictions(layer="up_blocks.0", timestep=261), exact]))
+    assert set(table["layer"]) == {"up_blocks.0", "up_blocks.1"}
+    assert _pck(table, "per_point", "all", 0.01, layer="up_blocks.1") == 1.0
+    assert _pck(table, "per_point", "all", 0.1, layer="up_blocks.0") == pytest.approx(0.5)
+    summary = metrics_summary(table)
+    assert summary["layer=up_blocks.1,timestep=261"]["per_image"]["pck@0.1"] == 1.0
+    assert summary["layer=up_blocks.0,timestep=261"]["per_image_mean_of_categories"]["pck@0.1"] == 0.375
+
+
+def test_identity_predictions_score_one():
+    frame = _predictions().assign(pred_x=5, pred_y=7)
+    table = pck_table(frame)
+    assert (table["pck"] == 1.0).all()
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(PipelineError, match=r"predictions: missing columns \['threshold'\]"):
+        pck_table(_predictions().drop(columns="threshold"))
