@@ -67,5 +67,57 @@ def evaluate(predictions, metrics_path, table_path):
     click.echo(metrics.format_headline(table))
 
 
+_params_option = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
+                              show_default=True, help="Parameters file.")
+
+
+@cli.command()
+@click.option("--encoder", required=True, help="Name under `encoders` in params.yaml.")
+@click.option("--store", "out", type=click.Path(path_type=Path), default=None,
+              help="Latents store; default <store>/latents/<encoder>.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@_params_option
+def encode(encoder, out, overwrite, params_file):
+    """Every image of the prepared split through one VAE (posterior mean and std)."""
+    import pandas as pd
+
+    from pipeline.config import load_params
+    from pipeline.encode import encode as run_encode
+
+    params = load_params(params_file)
+    images = pd.read_parquet(params.data.images)
+    out = out or params.latents_path(encoder)
+    run_encode(params.encoder(encoder), images, params.data.root, out, overwrite,
+               {"root": params.data.root, "split": params.data.split})
+    click.echo(f"latents -> {out}")
+
+
+@cli.command()
+@click.option("--backbone", required=True, help="Name under `backbones` in params.yaml.")
+@click.option("--store", "out", type=click.Path(path_type=Path), default=None,
+              help="Features store; default <store>/<backbone>.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@_params_option
+def extract(backbone, out, overwrite, params_file):
+    """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
+    from pipeline.config import load_params
+    from pipeline.extract import extract as run_extract
+
+    params = load_params(params_file)
+    spec = params.backbone(backbone)
+    out = out or params.store_path(backbone)
+    run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite)
+    click.echo(f"features -> {out}")
+
+
+@cli.command()
+@click.option("--store", "path", type=click.Path(path_type=Path), required=True)
+def info(path):
+    """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""
+    from pipeline.store import describe
+
+    click.echo(describe(path))
+
+
 if __name__ == "__main__":
     cli()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.backbones import BackboneParams
+from pipeline.encode import EncoderParams
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
@@ -32,9 +34,40 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """A pipeline folder under models/: a tiny random one (`source: tiny-sd2|tiny-sd3`), or a hub
+    snapshot (`source: stabilityai/stable-diffusion-2-1`)."""
+
+    source: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
+    models: dict[str, ModelParams] = field(default_factory=dict)
+    encoders: dict[str, EncoderParams] = field(default_factory=dict)
+    backbones: dict[str, BackboneParams] = field(default_factory=dict)
+    store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
+
+    def latents_path(self, encoder: str) -> Path:
+        return Path(self.store) / "latents" / f"{encoder}.zarr"
+
+    def store_path(self, backbone: str) -> Path:
+        return Path(self.store) / f"{backbone}.zarr"
+
+    def encoder(self, name: str) -> EncoderParams:
+        return _named(self.encoders, name, "encoders")
+
+    def backbone(self, name: str) -> BackboneParams:
+        return _named(self.backbones, name, "backbones")
+
+
+def _named(section: dict, name: str, label: str):
+    if name not in section:
+        raise PipelineError(PARAMS_FILE, label, f"unknown name {name!r}; params.yaml has {sorted(section)}")
+    return section[name]
 
 
 def _section(cls, values: dict | None, where: str):
@@ -43,7 +76,10 @@ def _section(cls, values: dict | None, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise PipelineError(where, unknown[0], f"unknown parameter; expected one of {sorted(known)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required parameter is missing
+        raise PipelineError(where, None, str(exc).split(") ", 1)[-1].split("() ", 1)[-1]) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -54,11 +90,15 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise PipelineError(path, None, "parameters file is missing") from None
     except yaml.YAMLError as exc:
         raise PipelineError(path, None, f"unreadable YAML ({str(exc).splitlines()[0]})") from None
-    sections = {f.name: f.type for f in fields(Params)}
-    unknown = sorted(set(raw) - set(sections))
+    sections = {f.name for f in fields(Params)}
+    unknown = sorted(set(raw) - sections)
     if unknown:
         raise PipelineError(path, unknown[0], f"unknown section; expected one of {sorted(sections)}")
+    named = {"models": ModelParams, "encoders": EncoderParams, "backbones": BackboneParams}
     return Params(
         data=_section(DataParams, raw.get("data"), f"{path}: data"),
         demo=_section(DemoParams, raw.get("demo"), f"{path}: demo"),
+        **{key: {name: _section(cls, values, f"{path}: {key}.{name}") for name, values in (raw.get(key) or {}).items()}
+           for key, cls in named.items()},
+        store=raw.get("store", "store"),
     )

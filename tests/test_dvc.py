@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO
 
-PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
+PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 def _run(cwd, *args):
@@ -45,12 +45,15 @@ def _stages_run(output: str) -> set[str]:
 def test_repro_then_noop_then_only_dependents(project):
     dvc = (sys.executable, "-m", "dvc")
     first = _run(project, *dvc, "repro")
-    assert {"demo", "prepare"} <= _stages_run(first)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    expected = {"demo", "prepare"} | {f"model@{m}" for m in params["models"]} \
+        | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]}
+    assert _stages_run(first) == expected
     assert (project / "data" / "prepared" / "pairs.parquet").is_file()
+    for backbone in params["backbones"]:
+        assert (project / "store" / f"{backbone}.zarr" / "zarr.json").is_file()
     assert _stages_run(_run(project, *dvc, "repro")) == set()
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["categories"] = ["star"]
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    rerun = _stages_run(_run(project, *dvc, "repro"))
-    assert "prepare" in rerun and "demo" not in rerun
+    params["backbones"]["vae-sd3"]["latent"] = "sample"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3"}

@@ -1,0 +1,119 @@
+"""Images onto the model canvas, through the VAE once: the posterior (mean, std) per image.
+
+Canvas modes: `squash` (DIFT: resize to a square, ignoring aspect) and `pad` (keep aspect, fit the
+long side, pad right/bottom with 0 in [-1, 1] space, and record the valid region). Ensemble members
+later sample `mean + std * eps` from the stored posterior, so the VAE never runs twice per image.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import hub, store
+from pipeline.errors import PipelineError
+
+CANVAS_MODES = ("squash", "pad")
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    model: str
+    canvas: int = 768
+    canvas_mode: str = "squash"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+def canvas_geometry(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
+    """(w, h) of the image's content on a size x size canvas; it sits at the top-left corner."""
+    if mode == "squash":
+        return size, size
+    if mode == "pad":
+        scale = size / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    raise PipelineError("params.yaml", "canvas_mode", f"unknown canvas mode {mode!r}; expected one of {CANVAS_MODES}")
+
+
+def load_canvas(path: Path, size: int, mode: str) -> torch.Tensor:
+    """The image as a (3, size, size) tensor in [-1, 1]."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")  # grayscale, CMYK, RGBA all become RGB
+    except FileNotFoundError:
+        raise PipelineError(path, None, "image is missing") from None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(path, None, f"unreadable image ({exc})") from None
+    w, h = canvas_geometry(rgb.width, rgb.height, size, mode)
+    pixels = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+    canvas = np.zeros((size, size, 3), np.float32)
+    canvas[:h, :w] = pixels
+    return torch.from_numpy(canvas).permute(2, 0, 1)
+
+
+def images_on_canvas(images: pd.DataFrame, size: int, mode: str) -> pd.DataFrame:
+    """The images table with each image's valid region on the canvas."""
+    table = images[["image", "category", "width", "height"]].copy()
+    geometry = [canvas_geometry(w, h, size, mode) for w, h in zip(table["width"], table["height"])]
+    table["valid_x0"], table["valid_y0"] = 0.0, 0.0
+    table["valid_x1"] = [float(w) for w, _ in geometry]
+    table["valid_y1"] = [float(h) for _, h in geometry]
+    return table
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
+           overwrite: bool = False, dataset: dict | None = None) -> Path:
+    """Write the latents store `out`: posterior mean and std per image. Resumes an interrupted run."""
+    from diffusers import AutoencoderKL
+
+    if params.canvas % 16:
+        raise PipelineError("params.yaml", "canvas", f"{params.canvas} is not a multiple of 16")
+    table = images_on_canvas(images, params.canvas, params.canvas_mode)
+    device = hub.resolve_device(params.device)
+    dtype = hub.resolve_dtype(params.dtype, device)
+    vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
+    determinants = {**asdict(params), "images": store.fingerprint(table.to_dict("list"))}
+    determinants.pop("device")
+    root = store.open_store(out, {
+        "kind": "latents", "model": params.model, "canvas": params.canvas, "canvas_mode": params.canvas_mode,
+        "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
+        "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
+        "latent_channels": vae.config.latent_channels, "determinants": determinants,
+    }, table, None, overwrite)
+    done = store.done_mask(root)
+    todo = np.flatnonzero(~done)
+    paths = images.set_index("image")["path"]
+    with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:
+        for index in todo:
+            start = time.perf_counter()
+            key = table["image"].iloc[index]
+            pixels = load_canvas(Path(dataset_root) / paths[key], params.canvas, params.canvas_mode)
+            with torch.no_grad():
+                posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
+            std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
+            h, w, c = mean.shape
+            stride = params.canvas / h
+            node = store.ensure_layer(
+                root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
+                {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
+                {"stride": stride, "description": "VAE posterior on the canvas, before any scaling"}, dtype="float32",
+            )
+            node["mean"][index], node["std"][index] = mean, std
+            store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
+            bar.update()
+    return Path(out)

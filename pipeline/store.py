@@ -1,0 +1,177 @@
+"""Zarr v3 stores: one per backbone run (features) and one per VAE x canvas (latents).
+
+Layout (see README, "The store"): root attrs describe the run and carry a fingerprint of every
+parameter that determines the contents; root coordinates `image` and `timestep`; an `images` node
+with one row per image (category, original size, valid region on the canvas, completion flag,
+seconds, peak memory); one node per layer named by its module path, holding `features` with dims
+`(image, timestep, y, x, channel)` and, for transformer blocks, `shift`/`scale`.
+
+Writing discipline: an image's arrays are written first and its `done` flag last, so an interrupted
+run leaves at worst unflagged data that the next run rewrites. Every per-image array is chunked one
+image (and one timestep) per chunk: reading one map is one read, and no two images share a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from pipeline.errors import PipelineError
+
+SCHEMA_VERSION = 1
+COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
+IMAGE_COLUMNS = ("category", "width", "height", "valid_x0", "valid_y0", "valid_x1", "valid_y1")
+
+
+def fingerprint(determinants: dict) -> str:
+    """A short hash of everything that determines a store's contents."""
+    text = json.dumps(determinants, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown parameters"
+
+
+def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: list[int] | None,
+               overwrite: bool) -> zarr.Group:
+    """Create a store, or reopen it to resume; refuse one built with other parameters.
+
+    `attrs["determinants"]` holds the parameters the fingerprint is computed from; `images` has
+    `image` plus IMAGE_COLUMNS.
+    """
+    path = Path(path)
+    attrs = {"schema_version": SCHEMA_VERSION, **attrs, "fingerprint": fingerprint(attrs["determinants"])}
+    if path.exists():
+        try:
+            root = zarr.open_group(path, mode="r+")
+            found = dict(root.attrs)
+        except Exception as exc:  # noqa: BLE001 - any unreadable store is reported the same way
+            if not overwrite:
+                raise PipelineError(path, None, f"not a readable store ({exc}); pass --overwrite to replace it") from None
+            found = {}
+        if found.get("fingerprint") == attrs["fingerprint"]:
+            return root
+        if not overwrite:
+            if "fingerprint" not in found:
+                raise PipelineError(path, "fingerprint", "not a dift-cache store; pass --overwrite to replace it")
+            raise PipelineError(
+                path, "fingerprint",
+                f"store was built with other parameters ({_differences(found.get('determinants', {}), attrs['determinants'])}); "
+                "pass --overwrite to rebuild it or choose another --store",
+            )
+        shutil.rmtree(path)
+
+    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    root.attrs.update(attrs)
+    _array(root, "image", (len(images),), str, ["image"], chunks=(len(images),))[:] = images["image"].to_numpy(str)
+    if timesteps is not None:
+        _array(root, "timestep", (len(timesteps),), "int32", ["timestep"])[:] = np.asarray(timesteps, "int32")
+    node = root.create_group("images")
+    for column in IMAGE_COLUMNS:
+        values = images[column].to_numpy(str if column == "category" else "float64" if column.startswith("valid") else "int32")
+        _array(node, column, values.shape, values.dtype if column != "category" else str, ["image"], chunks=values.shape)[:] = values
+    count = (len(images),)
+    _array(node, "done", count, "bool", ["image"], fill_value=False)
+    _array(node, "seconds", count, "float64", ["image"], fill_value=np.nan)
+    _array(node, "peak_memory", count, "int64", ["image"], fill_value=0)
+    return root
+
+
+def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None):
+    return group.create_array(
+        name, shape=shape, dtype=dtype, chunks=chunks or (1,) * len(shape), dimension_names=dims,
+        fill_value=fill_value, compressors=COMPRESSOR,
+    )
+
+
+def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
+                 coords: dict[str, np.ndarray], attrs: dict, dtype="float16") -> zarr.Group:
+    """The node for one layer, created on first use with the given per-image arrays.
+
+    `arrays` maps an array name to (dims after image, shape after image); each chunk holds one
+    image and one timestep.
+    """
+    if name in root:
+        return root[name]
+    node = root.create_group(name)
+    node.attrs.update(attrs)
+    images = root["image"].shape[0]
+    for array, (dims, shape) in arrays.items():
+        chunks = (1, 1, *shape[1:]) if dims[0] == "timestep" else (1, *shape)
+        _array(node, array, (images, *shape), dtype, ["image", *dims], chunks=chunks, fill_value=np.nan)
+    for dim, values in coords.items():
+        _array(node, dim, values.shape, values.dtype, [dim], chunks=values.shape)[:] = values
+    return node
+
+
+def done_mask(root: zarr.Group) -> np.ndarray:
+    return root["images/done"][:]
+
+
+def mark_done(root: zarr.Group, index: int, seconds: float, peak_memory: int) -> None:
+    """Flag image `index` complete: called only after all of its arrays are written."""
+    root["images/seconds"][index] = seconds
+    root["images/peak_memory"][index] = peak_memory
+    root["images/done"][index] = True
+
+
+def read_images(root: zarr.Group) -> pd.DataFrame:
+    node = root["images"]
+    table = {"image": root["image"][:]}
+    for column in (*IMAGE_COLUMNS, "done", "seconds", "peak_memory"):
+        table[column] = node[column][:]
+    return pd.DataFrame(table)
+
+
+def layers(root: zarr.Group) -> list[str]:
+    return sorted(name for name, node in root.groups() if name != "images" and "features" in node)
+
+
+def size_on_disk(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def open_existing(path: str | Path) -> zarr.Group:
+    path = Path(path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        _ = root.attrs["fingerprint"]
+    except Exception:  # noqa: BLE001
+        raise PipelineError(path, None, "not a dift-cache store (missing, unreadable or without a fingerprint)") from None
+    return root
+
+
+def describe(path: str | Path) -> str:
+    """A human summary of a store: what `cli.py info` prints."""
+    root = open_existing(path)
+    attrs = root.attrs
+    table = read_images(root)
+    done = table[table["done"]]
+    mib = size_on_disk(path) / 2**20
+    lines = [
+        f"{path}: {attrs.get('kind')} store, {attrs.get('backbone', '')} {attrs.get('model')} "
+        f"(fingerprint {attrs['fingerprint']})",
+        f"images: {len(done)}/{len(table)} done; size on disk {mib:.1f} MiB",
+        f"seconds per image: median {done['seconds'].median():.3f}, total {done['seconds'].sum():.1f}"
+        if len(done) else "seconds per image: -",
+        f"peak memory: {done['peak_memory'].max() / 2**20:.0f} MiB" if len(done) else "peak memory: -",
+    ]
+    if "timestep" in root:
+        lines.append(f"timesteps: {', '.join(str(t) for t in root['timestep'][:])}")
+    nodes = layers(root) if attrs.get("kind") == "features" else ["posterior"]
+    for name in nodes:
+        node = root[name]
+        arrays = sorted(node.array_keys())
+        main = node["features"] if "features" in node else node["mean"]
+        extra = [a for a in arrays if a not in ("features", "mean", *main.metadata.dimension_names)]
+        shape = " x ".join(f"{d}={n}" for d, n in zip(main.metadata.dimension_names, main.shape))
+        lines.append(f"  {name}: {shape}" + (f" (+ {', '.join(extra)})" if extra else ""))
+    return "\n".join(lines)

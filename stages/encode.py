@@ -1,0 +1,20 @@
+"""DVC stage `encode@<encoder>`: every image of the prepared split through one VAE."""
+
+import sys
+
+import pandas as pd
+
+from pipeline.config import load_params
+from pipeline.encode import encode
+
+
+def main(name: str) -> None:
+    params = load_params()
+    images = pd.read_parquet(params.data.images)
+    dataset = {"root": params.data.root, "split": params.data.split}
+    # Under DVC, changed parameters mean "rebuild": the store is replaced, not refused.
+    encode(params.encoder(name), images, params.data.root, params.latents_path(name), overwrite=True, dataset=dataset)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,226 @@
+"""Feature extraction against independent computations, determinism, resume, and the store contract."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from pipeline import store
+from pipeline.backbones import BackboneParams
+from pipeline.encode import EncoderParams, encode, load_canvas
+from pipeline.errors import PipelineError
+from pipeline.extract import extract
+from pipeline.spair import load_split
+from pipeline.tiny_models import make_tiny
+
+CANVAS = 128
+SD2 = BackboneParams(kind="sd2", model="", latents="", layers=["up_blocks.0", "up_blocks.1", "up_blocks.3"],
+                     timesteps=[101, 261], ensemble=2)
+SD3 = BackboneParams(kind="sd3", model="", latents="", layers=["transformer_blocks.1", "transformer_blocks.3"],
+                     timesteps=[261], ensemble=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, demo_root):
+    """Tiny models, 6 demo images, and their latents stores at a 128-px canvas."""
+    base = tmp_path_factory.mktemp("extract")
+    images = load_split(demo_root, "test").images.iloc[:6].reset_index(drop=True)
+    out = {"base": base, "images": images, "root": demo_root}
+    for family in ("sd2", "sd3"):
+        model = make_tiny(f"tiny-{family}", base / f"tiny-{family}")
+        latents = encode(EncoderParams(model=str(model), canvas=CANVAS), images, demo_root, base / f"latents-{family}.zarr")
+        out[family] = (str(model), latents)
+    return out
+
+
+def _params(world, template, **changes):
+    model, latents = world[template.kind[-3:]]
+    return replace(template, model=model, latents=str(latents), **changes), latents
+
+
+def _run(world, template, out, overwrite=False, **changes):
+    params, latents = _params(world, template, **changes)
+    return extract(params, template.kind, latents, out, overwrite=overwrite)
+
+
+def _canvas(world, index):
+    row = world["images"].iloc[index]
+    return load_canvas(Path(world["root"]) / row["path"], CANVAS, "squash")
+
+
+def test_sd2_up_block_equals_direct_diffusers_computation(world, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = _run(world, SD2, tmp_path / "s.zarr", latent="mean", noise=False, ensemble=1, timesteps=[261])
+    pipe = StableDiffusionPipeline.from_pretrained(world["sd2"][0], safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    index = 4
+    category = world["images"]["category"].iloc[index]
+    with torch.no_grad():
+        latent = pipe.vae.encode(_canvas(world, index)[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(f"a photo of a {category}", padding="max_length", max_length=77,
+                             truncation=True, return_tensors="pt").input_ids
+        embeds = pipe.text_encoder(ids)[0]
+        captured = {}
+        hook = pipe.unet.up_blocks[1].register_forward_hook(lambda m, a, o: captured.update(x=o))
+        pipe.unet(latent, torch.tensor([261]), encoder_hidden_states=embeds)
+        hook.remove()
+    expected = captured["x"][0].permute(1, 2, 0).numpy()
+    stored = zarr.open_group(out, mode="r")["up_blocks.1/features"][index, 0].astype(np.float32)
+    assert stored.shape == (CANVAS // 16, CANVAS // 16, expected.shape[-1])
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_sd3_block_equals_direct_transformer_call(world, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = _run(world, SD3, tmp_path / "s.zarr", latent="mean", noise=False, ensemble=1)
+    pipe = StableDiffusion3Pipeline.from_pretrained(world["sd3"][0], text_encoder_3=None, tokenizer_3=None)
+    index = 2
+    category = world["images"]["category"].iloc[index]
+    with torch.no_grad():
+        vae = pipe.vae
+        latent = (vae.encode(_canvas(world, index)[None]).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(f"a photo of a {category}", None, None, do_classifier_free_guidance=False)
+        captured = {}
+        blocks = pipe.transformer.transformer_blocks
+        hook = blocks[1].register_forward_hook(lambda m, a, o: captured.update(x=o[1]))
+        pipe.transformer(hidden_states=latent, timestep=torch.tensor([261.0]), encoder_hidden_states=embeds,
+                         pooled_projections=pooled, return_dict=False)
+        hook.remove()
+        temb = pipe.transformer.time_text_embed(torch.tensor([261.0]), pooled)
+        shift, scale = blocks[2].norm1.linear(torch.nn.functional.silu(temb)).chunk(6, dim=1)[:2]
+    grid = CANVAS // 16
+    expected = captured["x"][0].reshape(grid, grid, -1).numpy()
+    node = zarr.open_group(out, mode="r")["transformer_blocks.1"]
+    stored = node["features"][index, 0].astype(np.float32)
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(node["shift"][index, 0], shift[0].numpy(), rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(node["scale"][index, 0], scale[0].numpy(), rtol=2e-3, atol=1e-3)
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    """Every file of a store except per-image timings, which measure the machine, not the features."""
+    timing = ("images/seconds", "images/peak_memory")
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
+
+
+def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch):
+    first = _run(world, SD2, tmp_path / "a.zarr")
+    second = _run(world, SD2, tmp_path / "b.zarr")
+    assert _contents(first) == _contents(second)
+    other = _run(world, SD2, tmp_path / "c.zarr", seed=1)
+    assert _contents(other)["up_blocks.1/features/c/0/0/0/0/0"] != _contents(first)["up_blocks.1/features/c/0/0/0/0/0"]
+
+    # Interrupt: image 3's features are written, then the process dies before its flag.
+    calls = {"n": 0}
+    original = store.mark_done
+
+    def dying(root, index, seconds, peak):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        original(root, index, seconds, peak)
+
+    monkeypatch.setattr(store, "mark_done", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(world, SD2, tmp_path / "r.zarr")
+    monkeypatch.setattr(store, "mark_done", original)
+    partial = zarr.open_group(tmp_path / "r.zarr", mode="r")
+    assert store.done_mask(partial).tolist() == [True, True, True, False, False, False]
+    before = partial["images/seconds"][:3].copy()
+
+    _run(world, SD2, tmp_path / "r.zarr")
+    resumed = zarr.open_group(tmp_path / "r.zarr", mode="r")
+    assert store.done_mask(resumed).all()
+    np.testing.assert_array_equal(resumed["images/seconds"][:3], before)  # finished images untouched
+    assert _contents(tmp_path / "r.zarr") == _contents(first)
+
+
+def test_other_parameters_are_refused_unless_overwrite(world, tmp_path):
+    path = _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.1"])
+    with pytest.raises(PipelineError, match=r"s.zarr: fingerprint: store was built with other parameters \(seed: 0 -> 7\)"):
+        _run(world, SD2, path, layers=["up_blocks.1"], seed=7)
+    assert store.done_mask(zarr.open_group(path, mode="r")).all()  # nothing lost
+    _run(world, SD2, path, layers=["up_blocks.1"], seed=7, overwrite=True)
+    assert zarr.open_group(path, mode="r").attrs["seed"] == 7
+
+
+def test_store_opens_in_xarray_with_labelled_dims(world, tmp_path):
+    path = _run(world, SD3, tmp_path / "s.zarr")
+    tree = xr.open_datatree(path, engine="zarr", consolidated=False, chunks={})
+    assert set(tree.children) == {"images", "transformer_blocks.1", "transformer_blocks.3"}
+    layer = tree["transformer_blocks.3"]
+    assert layer["features"].dims == ("image", "timestep", "y", "x", "channel")
+    assert layer["shift"].dims == ("image", "timestep", "channel")
+    assert list(layer["features"].coords["image"].values) == list(world["images"]["image"])
+    assert layer["features"].coords["timestep"].values.tolist() == [261]
+    assert layer["features"].coords["y"].values.tolist() == [8.0 + 16 * i for i in range(CANVAS // 16)]
+    one = layer["features"].sel(image=world["images"]["image"].iloc[0], timestep=261)
+    assert one.shape == (8, 8, 32) and np.isfinite(one.values).all()
+    assert tree["images"]["done"].values.all()
+    assert tree.attrs["backbone"] == "sd3" and tree.attrs["fingerprint"]
+
+
+def test_vae_latents_are_the_scaled_posterior(world, tmp_path):
+    model, latents = world["sd3"]
+    params = BackboneParams(kind="vae-sd3", model=model, latents=str(latents), layers=["latent"], timesteps=[0],
+                            ensemble=1, latent="mean", noise=False)
+    path = extract(params, "vae-sd3", latents, tmp_path / "v.zarr")
+    source = zarr.open_group(latents, mode="r")
+    attrs = source.attrs
+    expected = (source["posterior/mean"][1] - attrs["shift_factor"]) * attrs["scaling_factor"]
+    stored = zarr.open_group(path, mode="r")["latent/features"][1, 0].astype(np.float32)
+    assert stored.shape == (CANVAS // 8, CANVAS // 8, 16)
+    np.testing.assert_allclose(stored, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_bad_layer_and_unloadable_model_are_one_line(world, tmp_path, monkeypatch):
+    with pytest.raises(PipelineError, match=r"layers: unknown layer 'up_blocks.9' for sd2; available: \[.*'mid_block'"):
+        _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.9"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match=r"stabilityai/stable-diffusion-2-1: cannot load StableDiffusionPipeline: "
+                                            r"not a local folder and not in the Hugging Face cache") as info:
+        extract(replace(SD2, model="stabilityai/stable-diffusion-2-1"), "x", world["sd2"][1], tmp_path / "h.zarr")
+    assert "\n" not in str(info.value) and "HF_HOME" in str(info.value)
+
+
+def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
+    import yaml
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    world["images"].to_parquet(tmp_path / "images.parquet")
+    model = world["sd2"][0]
+    params = {
+        "data": {"root": str(world["root"]), "images": "images.parquet"},
+        "encoders": {"e": {"model": model, "canvas": CANVAS}},
+        "backbones": {"b": {"kind": "sd2", "model": model, "latents": "e", "layers": ["up_blocks.1"], "ensemble": 1}},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["encode", "--encoder", "e"]).exit_code == 0
+    result = runner.invoke(cli, ["extract", "--backbone", "b", "--store", "b.zarr"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["info", "--store", "b.zarr"])
+    assert result.exit_code == 0
+    assert "images: 6/6 done" in result.output
+    assert "up_blocks.1: image=6 x timestep=1 x y=8 x x=8 x channel=32" in result.output
+    assert "timesteps: 261" in result.output
+
+    params["backbones"]["b"]["timesteps"] = [500]
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(cli, ["extract", "--backbone", "b", "--store", "b.zarr"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: b.zarr: fingerprint: store was built with other parameters (timesteps: [261] -> [500]); "
+        "pass --overwrite to rebuild it or choose another --store"]
+    result = runner.invoke(cli, ["extract", "--backbone", "nope"])
+    assert result.exit_code == 2 and "backbones: unknown name 'nope'" in result.output
