@@ -10,8 +10,6 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.backbones import BackboneParams
-from pipeline.encode import EncoderParams
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
@@ -31,6 +29,34 @@ class DataParams:
 class DemoParams:
     seed: int = 0
     sources_per_category: int = 2
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    model: str
+    canvas: int = 768
+    canvas_mode: str = "squash"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    kind: str  # sd2 | sd3 | vae-sd2 | vae-sd3
+    model: str  # hub id or local pipeline folder
+    latents: str  # name of the encoder (params.yaml `encoders`) whose latents store feeds this backbone
+    layers: list[str] = field(default_factory=list)  # module paths, e.g. up_blocks.1, transformer_blocks.12
+    # Noise levels in 0..1000 for every kind: SD2 adds DDPM noise at integer t; SD3 mixes
+    # x = (1 - t/1000) x0 + (t/1000) eps and feeds the transformer timestep t.
+    timesteps: list[int] = field(default_factory=lambda: [261])
+    ensemble: int = 8
+    latent: str = "sample"  # sample: mean + std * eps per member; mean: the posterior mean
+    noise: bool = True  # false: clean latent; the timestep still conditions the model
+    prompt: str = "a photo of a {category}"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    t5: bool = False  # sd3 only: load the T5 text encoder (false: CLIP-L and CLIP-G only)
 
 
 @dataclass(frozen=True)

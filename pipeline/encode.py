@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +19,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import hub, store
+from pipeline.config import EncoderParams
 from pipeline.errors import PipelineError
 
 CANVAS_MODES = ("squash", "pad")
-
-
-@dataclass(frozen=True)
-class EncoderParams:
-    model: str
-    canvas: int = 768
-    canvas_mode: str = "squash"
-    dtype: str = "float32"
-    device: str = "cpu"
 
 
 def canvas_geometry(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
@@ -78,6 +70,7 @@ def peak_memory(device: torch.device) -> int:
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
            overwrite: bool = False, dataset: dict | None = None) -> Path:
     """Write the latents store `out`: posterior mean and std per image. Resumes an interrupted run."""
+    hub.quiet()
     from diffusers import AutoencoderKL
 
     if params.canvas % 16:
@@ -86,7 +79,8 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     device = hub.resolve_device(params.device)
     dtype = hub.resolve_dtype(params.dtype, device)
     vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
-    determinants = {**asdict(params), "images": store.fingerprint(table.to_dict("list"))}
+    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
+                    "images": store.fingerprint(table.to_dict("list"))}
     determinants.pop("device")
     root = store.open_store(out, {
         "kind": "latents", "model": params.model, "canvas": params.canvas, "canvas_mode": params.canvas_mode,
@@ -116,4 +110,5 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
             node["mean"][index], node["std"][index] = mean, std
             store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
             bar.update()
+    store.finish(root)
     return Path(out)

@@ -20,7 +20,8 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import hub, store
-from pipeline.backbones import BackboneParams, make_backbone
+from pipeline.backbones import make_backbone
+from pipeline.config import BackboneParams
 from pipeline.encode import peak_memory
 from pipeline.errors import PipelineError
 
@@ -68,7 +69,8 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     backbone.check_layers(params.layers)
 
     images = store.read_images(latents)
-    determinants = {**asdict(params), "latents": latents_attrs["fingerprint"]}
+    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
+                    "latents": latents_attrs["fingerprint"]}
     determinants.pop("device")
     attrs = {
         "kind": "features", "name": name, "backbone": params.kind, "model": params.model,
@@ -126,4 +128,5 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
             store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
             finished += 1
             bar.update()
+    store.finish(root)
     return Path(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -54,3 +55,23 @@ def from_pretrained(cls, model: str, **kwargs):
             f"download it where there is network (`hf download {model}`) and set HF_HOME, "
             f"or set `model:` in params.yaml to a local pipeline folder",
         ) from None
+
+
+def model_identity(model: str) -> str:
+    """What a store's fingerprint records of its model: for a local folder, a digest of its configs and
+    of every weight file's size, head and tail (cheap on multi-GB checkpoints, yet different for any
+    retrained or re-initialised weights); for a hub id, the id itself."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 1 << 20:
+                handle.seek(max(size - (1 << 20), 1 << 20))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]

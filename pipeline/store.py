@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
     attrs = {"schema_version": SCHEMA_VERSION, **attrs, "fingerprint": fingerprint(attrs["determinants"])}
     if path.exists():
         try:
-            root = zarr.open_group(path, mode="r+")
+            # Never trust consolidated metadata while writing: it is only refreshed by `finish`.
+            root = zarr.open_group(path, mode="r+", use_consolidated=False)
             found = dict(root.attrs)
         except Exception as exc:  # noqa: BLE001 - any unreadable store is reported the same way
             if not overwrite:
@@ -121,6 +123,14 @@ def mark_done(root: zarr.Group, index: int, seconds: float, peak_memory: int) ->
     root["images/seconds"][index] = seconds
     root["images/peak_memory"][index] = peak_memory
     root["images/done"][index] = True
+
+
+def finish(root: zarr.Group) -> None:
+    """Once every image is done, consolidate the metadata so that readers open the store in one read."""
+    if done_mask(root).all():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr notes that consolidated metadata is a v3 extension
+            zarr.consolidate_metadata(root.store)
 
 
 def read_images(root: zarr.Group) -> pd.DataFrame:

@@ -280,8 +280,10 @@ def _build(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module
         return factory().eval()
 
 
-def make_tiny_sd2(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random-initialised, SD2.1-shaped ``StableDiffusionPipeline`` to ``out_dir``."""
+def make_tiny_sd2(out_dir: str | Path, seed: int = 0, unet_overrides: dict | None = None) -> Path:
+    """Write a random-initialised, SD2.1-shaped ``StableDiffusionPipeline`` to ``out_dir``.
+
+    ``unet_overrides`` widens or deepens the U-Net (benchmarks use a mid-size one)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -292,7 +294,7 @@ def make_tiny_sd2(out_dir: str | Path, seed: int = 0) -> Path:
     text_encoder = _build(
         lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, SD2_TEXT_ENCODER_CONFIG)), seed
     )
-    unet = _build(lambda: UNet2DConditionModel(**SD2_UNET_CONFIG), seed)
+    unet = _build(lambda: UNet2DConditionModel(**{**SD2_UNET_CONFIG, **(unet_overrides or {})}), seed)
     scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
 
     pipe = StableDiffusionPipeline(
@@ -310,8 +312,10 @@ def make_tiny_sd2(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_sd3(out_dir: str | Path, seed: int = 0, transformer_overrides: dict | None = None) -> Path:
     """Write a random-initialised, SD3-shaped ``StableDiffusion3Pipeline`` (no T5) to ``out_dir``.
+
+    ``transformer_overrides`` widens or deepens the transformer (benchmarks use a mid-size one).
 
     Load it with ``StableDiffusion3Pipeline.from_pretrained(out_dir, **SD3_NO_T5_LOAD_KWARGS)``.
     """
@@ -337,7 +341,7 @@ def make_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         lambda: CLIPTextModelWithProjection(_clip_config(CLIPTextConfig, tok_2, SD3_TEXT_ENCODER_2_CONFIG)),
         seed + 1,
     )
-    transformer = _build(lambda: SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG), seed)
+    transformer = _build(lambda: SD3Transformer2DModel(**{**SD3_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed)
     scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
 
     pipe = StableDiffusion3Pipeline(

@@ -10,8 +10,9 @@ import xarray as xr
 import zarr
 
 from pipeline import store
-from pipeline.backbones import BackboneParams
-from pipeline.encode import EncoderParams, encode, load_canvas
+from pipeline.config import BackboneParams
+from pipeline.config import EncoderParams
+from pipeline.encode import encode, load_canvas
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.spair import load_split
@@ -224,3 +225,46 @@ def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
         "pass --overwrite to rebuild it or choose another --store"]
     result = runner.invoke(cli, ["extract", "--backbone", "nope"])
     assert result.exit_code == 2 and "backbones: unknown name 'nope'" in result.output
+
+
+def test_one_forward_per_timestep_stops_after_deepest_layer(world, tmp_path, monkeypatch):
+    from pipeline.backbones import sd2
+
+    calls = {"up_blocks.0": 0, "up_blocks.1": 0, "up_blocks.2": 0, "text": 0}
+    original_init = sd2.SD2.__init__
+
+    def counting_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        for name in ("up_blocks.0", "up_blocks.1", "up_blocks.2"):
+            module = dict(self.unet.named_modules())[name]
+            module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+        self.pipe.text_encoder.register_forward_hook(lambda m, a, o: calls.__setitem__("text", calls["text"] + 1))
+
+    monkeypatch.setattr(sd2.SD2, "__init__", counting_init)
+    _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.1", "up_blocks.0"], timesteps=[101, 261, 501], ensemble=3)
+    images = len(world["images"])
+    assert calls["up_blocks.0"] == calls["up_blocks.1"] == images * 3  # one batched forward per (image, timestep)
+    assert calls["up_blocks.2"] == 0  # nothing after the deepest requested layer runs
+    assert calls["text"] == world["images"]["category"].nunique()  # prompts encoded once per category
+
+
+def test_pad_canvas_records_the_valid_region(world, tmp_path):
+    model = world["sd2"][0]
+    path = encode(EncoderParams(model=model, canvas=CANVAS, canvas_mode="pad"), world["images"], world["root"],
+                  tmp_path / "pad.zarr")
+    table = store.read_images(zarr.open_group(path, mode="r"))
+    for _, row in table.iterrows():
+        scale = CANVAS / max(row["width"], row["height"])
+        assert (row["valid_x1"], row["valid_y1"]) == (round(row["width"] * scale), round(row["height"] * scale))
+        assert max(row["valid_x1"], row["valid_y1"]) == CANVAS
+    canvas = load_canvas(Path(world["root"]) / world["images"]["path"].iloc[1], CANVAS, "pad")
+    w, h = int(table["valid_x1"].iloc[1]), int(table["valid_y1"].iloc[1])
+    assert (canvas[:, h:, :] == 0).all() and (canvas[:, :, w:] == 0).all()
+
+
+def test_model_identity_tells_reinitialised_weights_apart(tmp_path):
+    from pipeline.hub import model_identity
+
+    a, b, c = (make_tiny("tiny-sd2", tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert model_identity(str(a)) == model_identity(str(b)) != model_identity(str(c))
+    assert model_identity("stabilityai/stable-diffusion-2-1") == "stabilityai/stable-diffusion-2-1"

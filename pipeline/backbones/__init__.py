@@ -7,30 +7,11 @@ parameters every backbone shares, and the forward-hook capture they all use.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
-
-
-@dataclass(frozen=True)
-class BackboneParams:
-    kind: str  # sd2 | sd3 | vae-sd2 | vae-sd3
-    model: str  # hub id or local pipeline folder
-    latents: str  # name of the encoder (params.yaml `encoders`) whose latents store feeds this backbone
-    layers: list[str] = field(default_factory=list)  # module paths, e.g. up_blocks.1, transformer_blocks.12
-    # Noise levels in 0..1000 for every kind: SD2 adds DDPM noise at integer t; SD3 mixes
-    # x = (1 - t/1000) x0 + (t/1000) eps and feeds the transformer timestep t.
-    timesteps: list[int] = field(default_factory=lambda: [261])
-    ensemble: int = 8
-    latent: str = "sample"  # sample: mean + std * eps per member; mean: the posterior mean
-    noise: bool = True  # false: clean latent; the timestep still conditions the model
-    prompt: str = "a photo of a {category}"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    t5: bool = False  # sd3 only: load the T5 text encoder (false: CLIP-L and CLIP-G only)
 
 
 class StopForward(Exception):

@@ -12,6 +12,7 @@ from pipeline.backbones import Backbone, capture, until_captured
 class SD2(Backbone):
     def __init__(self, params, latents_attrs, device, dtype):
         super().__init__(params, latents_attrs, device, dtype)
+        hub.quiet()
         from diffusers import StableDiffusionPipeline
 
         self.pipe = hub.from_pretrained(

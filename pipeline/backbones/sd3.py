@@ -21,6 +21,7 @@ from pipeline.backbones import Backbone, capture, flow_noised, until_captured
 class SD3(Backbone):
     def __init__(self, params, latents_attrs, device, dtype):
         super().__init__(params, latents_attrs, device, dtype)
+        hub.quiet()
         from diffusers import StableDiffusion3Pipeline
 
         no_t5 = {} if params.t5 else {"text_encoder_3": None, "tokenizer_3": None}

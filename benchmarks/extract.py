@@ -1,0 +1,122 @@
+"""Extraction cost on mid-size random models (CPU unless --device cuda).
+
+Prints, from one run, medians over --repeats:
+  (a) SD2: a sweep of 4 layers x 2 timesteps vs single-layer single-timestep runs
+      (one forward per timestep captures every layer: expect ~2 single runs, not 8);
+  (b) SD3: extracting an early block vs the last block (the forward stops after the deepest layer);
+  (c) the store-writing overhead: extract() vs the bare forward loop over the same inputs.
+
+    python benchmarks/extract.py [--images 8] [--canvas 256] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline import hub, store
+from pipeline.backbones import make_backbone
+from pipeline.config import BackboneParams
+from pipeline.demo import generate
+from pipeline.config import EncoderParams
+from pipeline.encode import encode
+from pipeline.extract import extract, open_latents
+from pipeline.spair import load_split
+from pipeline.tiny_models import make_tiny_sd2, make_tiny_sd3
+
+MID_SD2_UNET = {"block_out_channels": (128, 256, 512, 512), "attention_head_dim": (4, 8, 16, 16),
+                "layers_per_block": 2, "norm_num_groups": 32}
+MID_SD3_TRANSFORMER = {"num_layers": 12, "num_attention_heads": 8, "attention_head_dim": 32,
+                       "caption_projection_dim": 256}
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_image(fn, repeats: int) -> float:
+    """Median over repeats of the store's median seconds per image (model loading excluded)."""
+    return statistics.median(float(np.median(store.read_images(zarr.open_group(fn(), mode="r"))["seconds"]))
+                             for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    hub.quiet()
+    work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    root = generate(work / "demo")
+    images = load_split(root, "test").images.iloc[: args.images].reset_index(drop=True)
+    sd2 = make_tiny_sd2(work / "sd2", unet_overrides=MID_SD2_UNET)
+    sd3 = make_tiny_sd3(work / "sd3", transformer_overrides=MID_SD3_TRANSFORMER)
+    latents = {name: encode(EncoderParams(model=str(model), canvas=args.canvas, device=args.device), images, root,
+                            work / f"latents-{name}.zarr") for name, model in (("sd2", sd2), ("sd3", sd3))}
+    base = {"ensemble": 1, "device": args.device, "dtype": args.dtype}
+    sd2_params = BackboneParams(kind="sd2", model=str(sd2), latents="sd2", **base)
+    sd3_params = BackboneParams(kind="sd3", model=str(sd3), latents="sd3", **base)
+    runs = iter(range(10**6))
+
+    def run(params):
+        kind = params.kind
+        return lambda: extract(params, kind, latents[kind], work / f"run{next(runs)}.zarr")
+
+    print(f"{args.images} images, canvas {args.canvas}, device {args.device}, dtype {args.dtype}, "
+          f"median of {args.repeats}; torch threads {torch.get_num_threads()}")
+    print("seconds per image (median), model loading excluded:")
+    up = [f"up_blocks.{i}" for i in range(4)]
+    sweep = per_image(run(replace(sd2_params, layers=up, timesteps=[101, 261])), args.repeats)
+    single = {layer: per_image(run(replace(sd2_params, layers=[layer], timesteps=[261])), args.repeats)
+              for layer in up}
+    separate = 2 * sum(single.values())  # one run per (layer, timestep)
+    print(f"(a) SD2 sweep 4 layers x 2 timesteps: {sweep:.3f} s/img; single-layer runs: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in single.items()))
+    print(f"    sweep / one single-layer run (up_blocks.3) = {sweep / single['up_blocks.3']:.2f}  (target ~2); "
+          f"sweep / 8 separate runs = {sweep / separate:.2f}")
+
+    blocks = MID_SD3_TRANSFORMER["num_layers"]
+    early = per_image(run(replace(sd3_params, layers=["transformer_blocks.1"])), args.repeats)
+    last = per_image(run(replace(sd3_params, layers=[f"transformer_blocks.{blocks - 1}"])), args.repeats)
+    print(f"(b) SD3 ({blocks} blocks) transformer_blocks.1: {early:.3f} s/img, transformer_blocks.{blocks - 1}: "
+          f"{last:.3f} s/img, ratio {early / last:.2f}")
+
+    params = replace(sd2_params, layers=up, timesteps=[101, 261])
+    device = hub.resolve_device(args.device)
+    group = open_latents(latents["sd2"])
+    backbone = make_backbone(params, dict(group.attrs), device, hub.resolve_dtype(args.dtype, device))
+    mean = group["posterior/mean"]
+
+    def bare():
+        for index in range(len(images)):
+            x = backbone.model_latent(torch.from_numpy(mean[index]).permute(2, 0, 1)[None])
+            for t in params.timesteps:
+                out = backbone.run(x.to(device, backbone.dtype), t, images["category"].iloc[index])
+                for arrays in out.values():
+                    arrays["features"].float().mean(0).cpu().numpy()
+
+    bare_loop = timed(bare, args.repeats) / len(images)
+    with_store = per_image(run(params), args.repeats)
+    print(f"(c) SD2 sweep: bare forward loop {bare_loop:.3f} s/img, extract() incl. noise draws, averaging and "
+          f"store writes {with_store:.3f} s/img: overhead {100 * (with_store - bare_loop) / bare_loop:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
