@@ -1,0 +1,107 @@
+"""Predictions from a features store: every pair x source keypoint x layer x timestep.
+
+Streams one target image at a time (its map, its FAISS index and its norm map are built once and
+shared by every pair that uses it); source maps come through a small cache, so memory stays at a
+few maps whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
+from pipeline.metrics import bbox_threshold
+
+PROTOCOLS = ("dift", "fast")
+
+
+def _selection(requested, available, field: str, path) -> list:
+    if not requested:
+        return list(available)
+    unknown = [v for v in requested if v not in available]
+    if unknown:
+        raise PipelineError(path, field, f"unknown {field} {unknown[0]!r}; the store has {list(available)}")
+    return list(requested)
+
+
+class StoreMaps:
+    """Feature maps of one store as `FeatureMap`s, read one (image, timestep) chunk at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.root = store.open_existing(path)
+        if self.root.attrs.get("kind") != "features":
+            raise PipelineError(path, "kind", "not a features store")
+        self.images = store.read_images(self.root).set_index("image")
+        self.position = {image: i for i, image in enumerate(self.images.index)}
+        self.timesteps = [int(t) for t in self.root["timestep"][:]]
+        self.layers = store.layers(self.root)
+        self.name = self.root.attrs.get("name", self.path.stem)
+        self.load = lru_cache(maxsize=8)(self._load)
+
+    def check_images(self, keys) -> None:
+        for key in keys:
+            if key not in self.position:
+                raise PipelineError(self.path, "image", f"store has no image {key!r} (built for another split?)")
+            if not self.images.at[key, "done"]:
+                raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
+
+    def _load(self, image: str, layer: str, timestep: int) -> FeatureMap:
+        node = self.root[layer]
+        features = node["features"][self.position[image], self.timesteps.index(timestep)].astype(np.float32)
+        row = self.images.loc[image]
+        if not np.isfinite(features).all():
+            raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
+        return FeatureMap(features, int(row["width"]), int(row["height"]), float(row["valid_x1"]),
+                          float(row["valid_y1"]), float(node.attrs["stride"]))
+
+
+def match_store(path: str | Path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
+                top_k: int = 10) -> pd.DataFrame:
+    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer and timestep."""
+    if protocol not in PROTOCOLS:
+        raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    maps = StoreMaps(path)
+    layers = _selection(layers, maps.layers, "layer", path)
+    timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", path)
+    maps.check_images(pd.unique(pd.concat([pairs["src_image"], pairs["trg_image"]])))
+
+    frames = []
+    total = len(pairs) * len(layers) * len(timesteps)
+    with tqdm(total=total, unit="pair", desc=f"match {maps.name} ({protocol})") as bar:
+        for target_image, group in pairs.groupby("trg_image", sort=True):
+            for layer in layers:
+                for timestep in timesteps:
+                    target = maps.load(target_image, layer, timestep)
+                    index = TargetIndex(target) if protocol == "fast" else None
+                    for pair in group.itertuples(index=False):
+                        source = maps.load(pair.src_image, layer, timestep)
+                        points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
+                        if protocol == "dift":
+                            predicted, stats = match_dift(source, target, points)
+                        else:
+                            predicted, stats = match_fast(source, index, points, top_k)
+                        frames.append(_rows(pair, points, predicted, stats, maps.name, layer, timestep, protocol))
+                        bar.update()
+    return pd.concat(frames, ignore_index=True)
+
+
+def _rows(pair, points, predicted, stats, backbone, layer, timestep, protocol) -> pd.DataFrame:
+    truth = np.array([list(p) for p in pair.trg_kps], dtype=np.float64)
+    return pd.DataFrame({
+        "split": pair.split, "pair": pair.filename, "category": pair.category,
+        "src_image": pair.src_image, "trg_image": pair.trg_image, "keypoint": list(pair.kps_ids),
+        "src_x": points[:, 0], "src_y": points[:, 1], "trg_x": truth[:, 0], "trg_y": truth[:, 1],
+        "pred_x": predicted[:, 0], "pred_y": predicted[:, 1],
+        "distance": np.hypot(predicted[:, 0] - truth[:, 0], predicted[:, 1] - truth[:, 1]),
+        "threshold": bbox_threshold(list(pair.trg_bndbox)),
+        "backbone": backbone, "layer": layer, "timestep": timestep, "protocol": protocol, **stats,
+    })
