@@ -111,6 +111,37 @@ def extract(backbone, out, overwrite, params_file):
 
 
 @cli.command()
+@click.option("--store", "path", type=click.Path(path_type=Path), required=True, help="Features store.")
+@click.option("--pairs", type=click.Path(path_type=Path), default=None,
+              help="Pairs table; default data.pairs in params.yaml.")
+@click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
+@click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
+@click.option("--protocol", type=click.Choice(["dift", "fast"]), default="dift", show_default=True)
+@click.option("--top-k", type=int, default=10, show_default=True, help="fast: FAISS candidates refined per keypoint.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Predictions table; default predictions/<store name>.parquet.")
+@_params_option
+def match(path, pairs, layers, timesteps, protocol, top_k, out, params_file):
+    """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
+    import pandas as pd
+
+    from pipeline import metrics
+    from pipeline.match import match_store
+
+    if pairs is None:
+        from pipeline.config import load_params
+
+        pairs = Path(load_params(params_file).data.pairs)
+    table = pd.read_parquet(pairs)
+    predictions = match_store(path, table, layers, timesteps, protocol, top_k)
+    out = out or Path("predictions") / f"{path.stem}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    predictions.to_parquet(out, index=False)
+    click.echo(metrics.format_headline(metrics.pck_table(predictions)))
+    click.echo(f"{len(predictions)} predictions -> {out}")
+
+
+@cli.command()
 @click.option("--store", "path", type=click.Path(path_type=Path), required=True)
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""

@@ -69,12 +69,20 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class MatchParams:
+    protocol: str = "dift"  # dift: DIFT's exact evaluation; fast: FAISS candidates refined exactly
+    top_k: int = 10  # fast: candidate cells per keypoint
+    predictions: str = "predictions"  # one table per backbone: <predictions>/<backbone>.parquet
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
     models: dict[str, ModelParams] = field(default_factory=dict)
     encoders: dict[str, EncoderParams] = field(default_factory=dict)
     backbones: dict[str, BackboneParams] = field(default_factory=dict)
+    match: MatchParams = MatchParams()
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
 
     def latents_path(self, encoder: str) -> Path:
@@ -124,6 +132,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return Params(
         data=_section(DataParams, raw.get("data"), f"{path}: data"),
         demo=_section(DemoParams, raw.get("demo"), f"{path}: demo"),
+        match=_section(MatchParams, raw.get("match"), f"{path}: match"),
         **{key: {name: _section(cls, values, f"{path}: {key}.{name}") for name, values in (raw.get(key) or {}).items()}
            for key, cls in named.items()},
         store=raw.get("store", "store"),

@@ -89,27 +89,53 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
     return tidy[order + ["pck", "pairs", "points"]].sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def variant_label(row: pd.Series, variants: list[str]) -> str:
-    return ",".join(f"{c}={row[c]}" for c in variants) if variants else "all"
+def _headline(table: pd.DataFrame) -> pd.DataFrame:
+    """PCK@0.1 per variant: columns per_image, per_point (pooled) and per_image_mean_of_categories."""
+    head = table[np.isclose(table["alpha"], HEADLINE_ALPHA) & table["category"].isin(["all", "mean"])].copy()
+    head["column"] = head["kind"] + np.where(head["category"] == "mean", "_mean_of_categories", "")
+    variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "points")]
+    wide = head.pivot_table(index=variants, columns="column", values="pck", sort=True) if variants \
+        else head.set_index("column")["pck"].to_frame().T
+    return wide[["per_image", "per_point", "per_image_mean_of_categories"]]
 
 
 def metrics_summary(table: pd.DataFrame) -> dict:
-    """The JSON DVC shows: pooled and mean-of-categories PCK per variant and alpha."""
-    variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "points")]
+    """What `dvc metrics show` prints: PCK@0.1 nested by variant (backbone, layer, timestep, ...).
+    Every alpha and category is in the tidy CSV."""
     summary: dict = {}
-    for _, row in table[table["category"].isin(["all", "mean"])].iterrows():
-        entry = summary.setdefault(variant_label(row, variants), {})
-        section = row["kind"] if row["category"] == "all" else f"{row['kind']}_mean_of_categories"
-        entry.setdefault(section, {})[f"pck@{row['alpha']:g}"] = round(float(row["pck"]), 6)
+    for key, row in _headline(table).iterrows():
+        node = summary
+        for part in (key if isinstance(key, tuple) else (key,)):
+            node = node.setdefault(str(part), {})
+        node.update({name: round(float(value), 6) for name, value in row.items()})
     return summary
 
 
-def write_metrics(predictions: pd.DataFrame, json_path: str | Path, csv_path: str | Path) -> pd.DataFrame:
+def best_variants(table: pd.DataFrame) -> dict[str, dict]:
+    """Per backbone: the variant with the best per-image PCK@0.1, and its scores."""
+    head = _headline(table).reset_index()
+    if "backbone" not in head:
+        head["backbone"] = "all"
+    best = {}
+    for backbone, rows in head.groupby("backbone"):
+        row = rows.loc[rows["per_image"].idxmax()]
+        best[str(backbone)] = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else
+                                   int(v) if isinstance(v, (np.integer,)) else str(v))
+                               for k, v in row.items() if k != "backbone"}
+    return best
+
+
+def write_metrics(predictions: pd.DataFrame, json_path: str | Path, csv_path: str | Path,
+                  best_dir: str | Path | None = None) -> pd.DataFrame:
     table = pck_table(predictions)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(metrics_summary(table), indent=2) + "\n")
     table.to_csv(csv_path, index=False, float_format="%.6f")
+    if best_dir is not None:
+        Path(best_dir).mkdir(parents=True, exist_ok=True)
+        for backbone, scores in best_variants(table).items():
+            (Path(best_dir) / f"{backbone}.json").write_text(json.dumps(scores, indent=2) + "\n")
     return table
 
 
@@ -124,10 +150,35 @@ def read_predictions(paths) -> pd.DataFrame:
 
 
 def format_headline(table: pd.DataFrame) -> str:
-    """PCK@0.1 per variant: pooled per image and per point, and mean of categories."""
-    head = table[(table["alpha"] == HEADLINE_ALPHA) & table["category"].isin(["all", "mean"])]
-    variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "points")]
-    wide = head.pivot_table(index=variants or None, columns=["kind", "category"], values="pck", sort=True) \
-        if variants else head.set_index(["kind", "category"])["pck"].to_frame().T
-    wide.columns = [f"{kind}:{cat}" for kind, cat in wide.columns]
-    return f"PCK@{HEADLINE_ALPHA:g}\n" + wide.to_string(float_format=lambda v: f"{v:.3f}")
+    """PCK@0.1 per variant: pooled per image and per point, and the per-image mean of categories."""
+    return f"PCK@{HEADLINE_ALPHA:g}\n" + _headline(table).to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def layer_depth(layers) -> dict[str, float]:
+    """Relative depth in (0, 1] of each module path, ordered by its trailing block number."""
+    ordered = sorted(set(layers), key=lambda name: [int(p) if p.isdigit() else p for p in name.replace(".", " ").split()])
+    return {name: (i + 1) / len(ordered) for i, name in enumerate(ordered)}
+
+
+def curve_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Headline PCK (per image, alpha 0.1, all pairs) against layer depth and against timestep:
+    one series per backbone (x timestep, or x layer)."""
+    head = table[(table["kind"] == "per_image") & (table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
+    head = head.copy()
+    for column, default in (("backbone", "all"), ("layer", "-"), ("timestep", 0)):
+        if column not in head:
+            head[column] = default
+    head["depth"] = 0.0
+    for backbone, rows in head.groupby("backbone"):
+        depth = layer_depth(rows["layer"])
+        head.loc[rows.index, "depth"] = rows["layer"].map(depth)
+    extra = [c for c in variant_columns(head) if c not in ("backbone", "layer", "timestep", "depth", "kind", "category",
+                                                              "alpha", "pck", "pairs", "points")]
+    label = head["backbone"].astype(str)
+    for column in extra:  # e.g. protocol, transform: part of the series name
+        label = label + " " + head[column].astype(str)
+    by_layer = head.assign(series=label + " t=" + head["timestep"].astype(str))
+    by_time = head.assign(series=label + " " + head["layer"].astype(str))
+    keep = ["series", "backbone", "layer", "depth", "timestep", "pck"]
+    return (by_layer[keep].sort_values(["series", "depth"]).reset_index(drop=True),
+            by_time[keep].sort_values(["series", "timestep"]).reset_index(drop=True))

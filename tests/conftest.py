@@ -35,3 +35,37 @@ def demo_root(tmp_path_factory) -> Path:
     from pipeline.demo import generate
 
     return generate(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from pipeline.tiny_models import make_tiny
+
+    base = tmp_path_factory.mktemp("models")
+    return {name: str(make_tiny(name, base / name)) for name in ("tiny-sd2", "tiny-sd3")}
+
+
+@pytest.fixture(scope="session")
+def demo_stores(tmp_path_factory, demo_root, tiny_models):
+    """The demo's test split with small stores of every backbone kind (128-px canvas)."""
+    from pipeline.config import BackboneParams, EncoderParams
+    from pipeline.encode import encode
+    from pipeline.extract import extract
+    from pipeline.spair import load_split
+
+    base = tmp_path_factory.mktemp("stores")
+    split = load_split(demo_root, "test")
+    latents = {name: encode(EncoderParams(model=model, canvas=128), split.images, demo_root, base / f"latents-{name}.zarr")
+               for name, model in tiny_models.items()}
+    backbones = {
+        "tiny-sd2": ("sd2", "tiny-sd2", ["up_blocks.1", "up_blocks.2"]),
+        "tiny-sd3": ("sd3", "tiny-sd3", ["transformer_blocks.1", "transformer_blocks.3"]),
+        "vae-sd2": ("vae-sd2", "tiny-sd2", ["latent"]),
+        "vae-sd3": ("vae-sd3", "tiny-sd3", ["latent"]),
+    }
+    stores = {}
+    for name, (kind, model, layers) in backbones.items():
+        params = BackboneParams(kind=kind, model=tiny_models[model], latents=model, layers=layers, timesteps=[261],
+                                ensemble=1, noise=not kind.startswith("vae"))
+        stores[name] = extract(params, name, latents[model], base / f"{name}.zarr")
+    return {"pairs": split.pairs, "images": split.images, "stores": stores, "root": demo_root}

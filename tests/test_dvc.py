@@ -11,7 +11,8 @@ import yaml
 
 from conftest import REPO
 
-PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore",
+                 ".gitignore"]
 
 
 def _run(cwd, *args):
@@ -47,7 +48,8 @@ def test_repro_then_noop_then_only_dependents(project):
     first = _run(project, *dvc, "repro")
     params = yaml.safe_load((project / "params.yaml").read_text())
     expected = {"demo", "prepare"} | {f"model@{m}" for m in params["models"]} \
-        | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]}
+        | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]} \
+        | {f"match@{b}" for b in params["backbones"]} | {"evaluate"}
     assert _stages_run(first) == expected
     assert (project / "data" / "prepared" / "pairs.parquet").is_file()
     for backbone in params["backbones"]:
@@ -56,4 +58,6 @@ def test_repro_then_noop_then_only_dependents(project):
 
     params["backbones"]["vae-sd3"]["latent"] = "sample"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3"}
+    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3", "match@vae-sd3", "evaluate"}
+    shown = _run(project, *dvc, "metrics", "show", "metrics/best")
+    assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import bbox_threshold, metrics_summary, pck_table
+from pipeline.metrics import best_variants, bbox_threshold, metrics_summary, pck_table
 
 
 def _predictions(**variant):
@@ -57,8 +57,10 @@ def test_variants_are_scored_separately():
     assert _pck(table, "per_point", "all", 0.01, layer="up_blocks.1") == 1.0
     assert _pck(table, "per_point", "all", 0.1, layer="up_blocks.0") == pytest.approx(0.5)
     summary = metrics_summary(table)
-    assert summary["layer=up_blocks.1,timestep=261"]["per_image"]["pck@0.1"] == 1.0
-    assert summary["layer=up_blocks.0,timestep=261"]["per_image_mean_of_categories"]["pck@0.1"] == 0.375
+    assert summary["up_blocks.1"]["261"]["per_image"] == 1.0
+    assert summary["up_blocks.0"]["261"]["per_image_mean_of_categories"] == 0.375
+    assert best_variants(table) == {"all": {"layer": "up_blocks.1", "timestep": 261, "per_image": 1.0,
+                                            "per_point": 1.0, "per_image_mean_of_categories": 1.0}}
 
 
 def test_identity_predictions_score_one():

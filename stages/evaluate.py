@@ -1,0 +1,21 @@
+"""DVC stage `evaluate`: PCK of every backbone's predictions -> metrics and plot tables."""
+
+from pathlib import Path
+
+from pipeline import metrics
+from pipeline.config import load_params
+
+
+def main() -> None:
+    params = load_params()
+    paths = [Path(params.match.predictions) / f"{name}.parquet" for name in params.backbones]
+    table = metrics.write_metrics(metrics.read_predictions(paths), "metrics/pck.json", "metrics/pck.csv",
+                                  best_dir="metrics/best")
+    by_layer, by_timestep = metrics.curve_tables(table)
+    by_layer.to_csv("metrics/pck_vs_layer.csv", index=False, float_format="%.6f")
+    by_timestep.to_csv("metrics/pck_vs_timestep.csv", index=False, float_format="%.6f")
+    print(metrics.format_headline(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The exact DIFT protocol at feature resolution against a naive upsample-then-cosine implementation."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.matching import FeatureMap, TargetIndex, axis_weights, match_dift, match_fast
+
+
+def naive_upsample(features: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """DIFT's code: F.interpolate(bilinear, align_corners=False) to the original image size, (C, H, W)."""
+    x = torch.from_numpy(features).permute(2, 0, 1)[None].double()
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def naive_match(source: FeatureMap, target: FeatureMap, points: np.ndarray):
+    s = naive_upsample(source.features, source.height, source.width)
+    t = naive_upsample(target.features, target.height, target.width)
+    vectors = s[:, points[:, 1], points[:, 0]].T
+    cos = F.cosine_similarity(vectors[:, :, None, None], t[None], dim=1)
+    flat = cos.reshape(len(points), -1).argmax(1).numpy()
+    return np.stack([flat % target.width, flat // target.width], 1), cos.numpy()
+
+
+def smooth_map(rng, h, w, c, smooth=3):
+    """Spatially correlated features, like a network's (neighbouring cells are similar)."""
+    coarse = rng.standard_normal((h // smooth + 2, w // smooth + 2, c))
+    up = F.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
+                       align_corners=False)[0].permute(1, 2, 0).numpy()
+    return (up + 0.3 * rng.standard_normal((h, w, c))).astype(np.float32)
+
+
+def squash(features, width, height):
+    h, w, _ = features.shape
+    return FeatureMap(features, width, height, valid_x1=w * 16.0, valid_y1=h * 16.0, stride=16.0)
+
+
+@pytest.mark.parametrize("pixels, cells", [(500, 48), (333, 48), (37, 12), (12, 12), (7, 12)])
+def test_axis_weights_match_pytorch_interpolation(pixels, cells):
+    axis = axis_weights(pixels, cells, float(cells))
+    eye = torch.eye(cells, dtype=torch.float64)[None]  # interpolate each unit impulse along one axis
+    expected = F.interpolate(eye, size=pixels, mode="linear", align_corners=False)[0].T.numpy()
+    np.testing.assert_allclose(axis.matrix(cells), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(40, 30, 9, 7), (53, 71, 12, 10), (64, 64, 8, 8)])
+def test_cosine_map_equals_naive_upsampled_cosine(size):
+    width, height, w, h = size
+    rng = np.random.default_rng(0)
+    source = squash(smooth_map(rng, h, w, 24), width + 3, height - 2)
+    target = squash(smooth_map(rng, h, w, 24), width, height)
+    points = np.stack([rng.integers(0, width + 3, 12), rng.integers(0, height - 2, 12)], 1)
+    mine = target.cosine(source.vectors_at(points))
+    _, expected = naive_match(source, target, points)
+    np.testing.assert_allclose(mine, expected, atol=2e-5)
+    naive_vectors = naive_upsample(source.features, source.height, source.width)[:, points[:, 1], points[:, 0]].T
+    np.testing.assert_allclose(source.vectors_at(points), naive_vectors.numpy(), atol=1e-5)
+    np.testing.assert_allclose(target.norm2(), (naive_upsample(target.features, height, width) ** 2).sum(0).numpy(),
+                               rtol=1e-9)
+
+
+def test_dift_argmax_equals_naive_on_many_keypoints():
+    """Identical argmaxes, ties aside: on the half-cell border bands the upsampled map is constant
+    along an axis, and which pixel of such a plateau wins is decided by rounding."""
+    rng = np.random.default_rng(1)
+    ties = total = 0
+    for _ in range(20):
+        source, target = (squash(smooth_map(rng, 12, 12, 32), 90, 70) for _ in range(2))
+        points = np.stack([rng.integers(0, 90, 20), rng.integers(0, 70, 20)], 1)
+        predicted, stats = match_dift(source, target, points)
+        expected, cos = naive_match(source, target, points)
+        agree = (predicted == expected).all(1)
+        for k in np.flatnonzero(~agree):
+            (x, y), (ex, ey) = predicted[k], expected[k]
+            assert cos[k, y, x] == pytest.approx(cos[k, ey, ex], abs=1e-6)  # a tie
+        ties += (~agree).sum()
+        total += len(points)
+        assert set(stats) == {"sim_max", "sim_mean", "sim_std", "sim_entropy", "sim_peak_ratio"}
+        np.testing.assert_allclose(stats["sim_max"], cos.reshape(len(points), -1).max(1), atol=1e-5)
+    assert ties / total < 0.05
+
+
+def test_identity_pair_finds_its_own_keypoints():
+    rng = np.random.default_rng(2)
+    features = smooth_map(rng, 10, 14, 32)
+    image = squash(features, 140, 100)
+    points = np.stack([rng.integers(0, 140, 30), rng.integers(0, 100, 30)], 1)
+    predicted, _ = match_dift(image, image, points)
+    # The source vector's own pixel scores cosine 1; ties on a plateau stay within a cell.
+    assert np.hypot(*(predicted - points).T).max() <= 10
+
+
+def test_fast_agrees_with_dift_on_smooth_features():
+    rng = np.random.default_rng(3)
+    same = total = 0
+    for _ in range(10):
+        source, target = (squash(smooth_map(rng, 16, 16, 64), 120, 96) for _ in range(2))
+        points = np.stack([rng.integers(0, 120, 20), rng.integers(0, 96, 20)], 1)
+        exact, _ = match_dift(source, target, points)
+        fast, _ = match_fast(source, TargetIndex(target), points, top_k=10)
+        same += (exact == fast).all(1).sum()
+        total += len(points)
+    assert same / total >= 0.99
+
+
+def test_pad_mode_searches_only_the_valid_region():
+    # Canvas 64 px, stride 8: the 100 x 50 image fills the top half (64 x 32 px) of the canvas.
+    rng = np.random.default_rng(4)
+    features = smooth_map(rng, 8, 8, 16)
+    features[4:] = features[0, 0]  # padding cells: make them the best match for a corner query
+    target = FeatureMap(features, 100, 50, valid_x1=64.0, valid_y1=32.0, stride=8.0)
+    assert target.rows.i0.max() <= 3  # image rows only ever read cell rows 0..3
+    naive = naive_upsample(features, 100, 100)[:, :50, :]  # upsample the whole canvas, crop the image
+    scores = target.cosine(features[0, 0][None])
+    expected = F.cosine_similarity(torch.from_numpy(features[0, 0]).double()[:, None, None], naive, dim=0).numpy()
+    np.testing.assert_allclose(scores[0], expected, atol=2e-5)
