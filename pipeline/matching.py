@@ -73,11 +73,13 @@ class FeatureMap:
         """The upsampled map's vectors at integer pixels `points` (K, 2) as (x, y): (K, C)."""
         x = np.clip(points[:, 0].astype(np.int64), 0, self.width - 1)
         y = np.clip(points[:, 1].astype(np.int64), 0, self.height - 1)
-        f = np.pad(self.features, ((0, 1), (0, 1), (0, 0)))
+        h, w, _ = self.features.shape
         r, c = self.rows, self.cols
         i, j = r.i0[y], c.i0[x]
-        return ((r.a0[y] * c.a0[x])[:, None] * f[i, j] + (r.a0[y] * c.a1[x])[:, None] * f[i, j + 1]
-                + (r.a1[y] * c.a0[x])[:, None] * f[i + 1, j] + (r.a1[y] * c.a1[x])[:, None] * f[i + 1, j + 1])
+        i1, j1 = np.minimum(i + 1, h - 1), np.minimum(j + 1, w - 1)  # their weight is 0 on the last cell
+        f = self.features
+        return ((r.a0[y] * c.a0[x])[:, None] * f[i, j] + (r.a0[y] * c.a1[x])[:, None] * f[i, j1]
+                + (r.a1[y] * c.a0[x])[:, None] * f[i1, j] + (r.a1[y] * c.a1[x])[:, None] * f[i1, j1])
 
     def upsample(self, cell_maps: np.ndarray, ys=slice(None), xs=slice(None)) -> np.ndarray:
         """(K, h, w) per-cell values -> (K, H, W) bilinearly upsampled, as separable products
@@ -91,25 +93,31 @@ class FeatureMap:
     def norm2(self) -> np.ndarray:
         """Squared norm of every upsampled vector, (H, W), from neighbour dot products of the cells."""
         if self._norm2 is None:
-            f = self.features.astype(np.float64)
+            f = self.features
             h, w, _ = f.shape
-            p = np.pad(f, ((0, 1), (1, 1), (0, 0)))  # a zero row below, a zero column each side
 
             def gram(di, dj):
-                # <F[i, j], F[i + di, j + dj]> on a (h + 1, w + 1) grid, zeros outside the map.
-                out = np.zeros((h + 1, w + 1))
-                out[:h, :w] = np.einsum("ijc,ijc->ij", f, p[di:di + h, 1 + dj:1 + dj + w])
+                # <F[i, j], F[i + di, j + dj]> on a (h + 1, w + 1) grid, zeros where the neighbour is outside.
+                out = np.zeros((h + 1, w + 1), np.float32)
+                a = f[: h - di, max(-dj, 0): w - max(dj, 0)]
+                b = f[di:, max(dj, 0): w - max(-dj, 0)]
+                out[: h - di, max(-dj, 0): w - max(dj, 0)] = np.einsum("ijc,ijc->ij", a, b)
                 return out
 
-            g00, g01, g10, g11, g1m = gram(0, 0), gram(0, 1), gram(1, 0), gram(1, 1), gram(1, -1)
+            g00, g01, g10, g11, g1m = (gram(*offset) for offset in ((0, 0), (0, 1), (1, 0), (1, 1), (1, -1)))
             r, c = self.rows, self.cols
-            i, j = r.i0[:, None], c.i0[None, :]
-            w00, w01 = r.a0[:, None] * c.a0[None, :], r.a0[:, None] * c.a1[None, :]
-            w10, w11 = r.a1[:, None] * c.a0[None, :], r.a1[:, None] * c.a1[None, :]
+
+            def tap(g, di, dj):  # g[i0 + di, j0 + dj] for every output pixel: two contiguous takes
+                return g.take(r.i0 + di, axis=0).take(c.i0 + dj, axis=1)
+
+            a0, a1 = r.a0[:, None].astype(np.float32), r.a1[:, None].astype(np.float32)
+            b0, b1 = c.a0[None].astype(np.float32), c.a1[None].astype(np.float32)
+            b00, b11, b01 = b0 * b0, b1 * b1, b0 * b1
+            # |sum_p w_p F_p|^2 over the 4 taps, w = a (row) x b (column): squares, then 2 x cross terms.
             self._norm2 = (
-                w00**2 * g00[i, j] + w01**2 * g00[i, j + 1] + w10**2 * g00[i + 1, j] + w11**2 * g00[i + 1, j + 1]
-                + 2 * (w00 * w01 * g01[i, j] + w10 * w11 * g01[i + 1, j] + w00 * w10 * g10[i, j]
-                       + w01 * w11 * g10[i, j + 1] + w00 * w11 * g11[i, j] + w01 * w10 * g1m[i, j + 1])
+                (a0 * a0) * (b00 * tap(g00, 0, 0) + b11 * tap(g00, 0, 1) + 2 * b01 * tap(g01, 0, 0))
+                + (a1 * a1) * (b00 * tap(g00, 1, 0) + b11 * tap(g00, 1, 1) + 2 * b01 * tap(g01, 1, 0))
+                + (2 * a0 * a1) * (b00 * tap(g10, 0, 0) + b11 * tap(g10, 0, 1) + b01 * (tap(g11, 0, 0) + tap(g1m, 0, 1)))
             )
         return self._norm2
 
@@ -117,9 +125,12 @@ class FeatureMap:
         """Cosine similarity of each query (K, C) with every upsampled target vector: (K, H, W)."""
         h, w, c = self.features.shape
         dots = (self.features.reshape(-1, c) @ queries.T.astype(np.float32)).T.reshape(-1, h, w)
-        norms = np.sqrt(np.maximum(self.norm2(), 1e-24))
-        qn = np.maximum(np.linalg.norm(queries, axis=1), 1e-12)
-        return self.upsample(dots) / norms[None] / qn[:, None, None]
+        inverse_norms = 1.0 / np.sqrt(np.maximum(self.norm2(), 1e-24))
+        qn = np.maximum(np.linalg.norm(queries, axis=1), 1e-12).astype(np.float32)
+        scores = self.upsample(dots)
+        scores *= inverse_norms[None]
+        scores /= qn[:, None, None]
+        return scores
 
 
 def argmax_points(scores: np.ndarray) -> np.ndarray:
@@ -130,19 +141,33 @@ def argmax_points(scores: np.ndarray) -> np.ndarray:
 
 
 def similarity_stats(scores: np.ndarray, best: np.ndarray) -> dict[str, np.ndarray]:
-    """Per map: max, mean, std, normalised entropy of the min-shifted map, and second-peak ratio
-    (the best value farther than a tenth of the longer side from the peak, over the peak)."""
+    """Per map: max, mean, std, normalised entropy of the min-shifted map (0: one peak, 1: flat), and
+    second-peak ratio (the best value farther than a tenth of the longer side from the peak, over the peak)."""
     k, h, w = scores.shape
-    flat = scores.reshape(k, -1).astype(np.float64)
-    shifted = flat - flat.min(axis=1, keepdims=True)
-    p = shifted / np.maximum(shifted.sum(axis=1, keepdims=True), 1e-12)
-    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1) / np.log(flat.shape[1])
-    yy, xx = np.mgrid[0:h, 0:w]
+    n = h * w
+    flat = scores.reshape(k, -1)
+    peak, low = flat.max(axis=1), flat.min(axis=1)
+    total = flat.sum(axis=1, dtype=np.float64)
+    mean = total / n
+    std = np.sqrt(np.maximum(np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / n - mean**2, 0.0))
+    # Entropy of p = s / sum(s), s = map - min: log(S) - sum(s log s) / S, with in-place temporaries.
+    shifted = flat - low[:, None]
+    logs = np.maximum(shifted, 1e-30)
+    np.log(logs, out=logs)
+    mass = np.maximum(total - n * low, 1e-12)
+    entropy = (np.log(mass) - np.einsum("ij,ij->i", shifted, logs, dtype=np.float64) / mass) / np.log(n)
     radius = max(h, w) / 10
-    far = (xx[None] - best[:, 0, None, None]) ** 2 + (yy[None] - best[:, 1, None, None]) ** 2 > radius**2
-    second = np.where(far.reshape(k, -1), flat, -np.inf).max(axis=1)
-    peak = flat.max(axis=1)
-    return {"sim_max": peak, "sim_mean": flat.mean(axis=1), "sim_std": flat.std(axis=1), "sim_entropy": entropy,
+    second = np.empty(k)
+    for i, (x, y) in enumerate(best):
+        y0, y1, x0, x1 = (max(int(y - radius), 0), min(int(y + radius) + 1, h),
+                          max(int(x - radius), 0), min(int(x + radius) + 1, w))
+        window = scores[i, y0:y1, x0:x1]
+        saved = window.copy()
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        window[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = -np.inf
+        second[i] = scores[i].max()
+        window[...] = saved
+    return {"sim_max": peak.astype(np.float64), "sim_mean": mean, "sim_std": std, "sim_entropy": entropy,
             "sim_peak_ratio": second / np.where(np.abs(peak) > 1e-12, peak, 1e-12)}
 
 
@@ -171,23 +196,27 @@ class TargetIndex:
 
 
 def match_fast(source: FeatureMap, index: TargetIndex, points: np.ndarray, top_k: int = 10):
-    """FAISS top-k cells, then the exact cosine over the image pixels around them."""
+    """FAISS top-k cells, then the exact cosine over the image pixels whose taps touch a candidate
+    cell or its neighbours, computed from those cells only."""
     target = index.target
     queries = source.vectors_at(points)
     cell_scores, cells = index.search(queries, top_k)
     h, w = index.shape
     rows, cols = target.rows, target.cols
     norms = np.sqrt(np.maximum(target.norm2(), 1e-24))
-    flat_features = target.features.reshape(-1, target.features.shape[2])
+    target.upsample(np.zeros((1, h, w), np.float32), slice(0, 0), slice(0, 0))  # builds the matrices once
     best = np.zeros((len(points), 2), dtype=np.int64)
     for k, query in enumerate(queries):
-        ci, cj = cells[k] // w, cells[k] % w
-        # Pixels whose interpolation taps touch a candidate cell or its neighbours.
-        ys = np.flatnonzero(np.isin(rows.i0, np.unique(np.clip(np.r_[ci - 1, ci, ci + 1], 0, h - 1))))
-        xs = np.flatnonzero(np.isin(cols.i0, np.unique(np.clip(np.r_[cj - 1, cj, cj + 1], 0, w - 1))))
-        dots = (flat_features @ query.astype(np.float32)).reshape(h, w)
-        window = target.upsample(dots[None], ys, xs)[0] / norms[np.ix_(ys, xs)]
+        found = cells[k][cells[k] >= 0]
+        near_rows = np.unique(np.clip(np.add.outer(found // w, [-1, 0, 1]), 0, h - 1))
+        near_cols = np.unique(np.clip(np.add.outer(found % w, [-1, 0, 1]), 0, w - 1))
+        ys = np.flatnonzero(np.isin(rows.i0, near_rows))
+        xs = np.flatnonzero(np.isin(cols.i0, near_cols))
+        cell_rows = np.unique(np.r_[rows.i0[ys], np.minimum(rows.i0[ys] + 1, h - 1)])
+        cell_cols = np.unique(np.r_[cols.i0[xs], np.minimum(cols.i0[xs] + 1, w - 1)])
+        dots = target.features[np.ix_(cell_rows, cell_cols)] @ query.astype(np.float32)
+        window = (target._row_matrix[np.ix_(ys, cell_rows)] @ dots @ target._col_matrix[np.ix_(cell_cols, xs)]
+                  / norms[np.ix_(ys, xs)])
         y, x = np.unravel_index(window.argmax(), window.shape)
         best[k] = xs[x], ys[y]
-    stats = {"sim_max": cell_scores[:, 0].astype(np.float64)}
-    return best, stats
+    return best, {"sim_max": cell_scores[:, 0].astype(np.float64)}
