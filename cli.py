@@ -142,6 +142,38 @@ def match(path, pairs, layers, timesteps, protocol, top_k, out, params_file):
 
 
 @cli.command()
+@click.option("--store", "stores", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Features store (repeatable: one panel per store and layer).")
+@click.option("--layer", "layers", multiple=True, help="Layers (repeatable); default each store's first layer.")
+@click.option("--timestep", type=int, default=None, help="Timestep; default each store's first.")
+@click.option("--pair", "pair_name", default=None, help="Pair file name (without .json); default the first cross-instance pair.")
+@click.option("--keypoint", type=int, default=0, show_default=True, help="Index of the query keypoint in the pair.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/heatmap.png"), show_default=True)
+@_params_option
+def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
+    """Heatmaps: the query on the source, the cosine map on the target, per store and layer."""
+    import pandas as pd
+
+    from pipeline.config import load_params
+    from pipeline.figures import Variant, heatmaps
+    from pipeline.match import StoreMaps
+
+    data = load_params(params_file).data
+    variants = []
+    for path in stores:
+        maps = StoreMaps(path)
+        for layer in layers or maps.layers[:1]:
+            if layer not in maps.layers:
+                continue
+            variants.append(Variant(str(path), layer, timestep if timestep is not None else maps.timesteps[0]))
+    if not variants:
+        raise PipelineError(None, "layer", f"none of {list(layers)} is in the given stores")
+    written = heatmaps(variants, pd.read_parquet(data.pairs), pd.read_parquet(data.images), data.root, out,
+                       pair_name, keypoint)
+    click.echo(f"heatmaps -> {written}")
+
+
+@cli.command()
 @click.option("--store", "path", type=click.Path(path_type=Path), required=True)
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""

@@ -49,7 +49,7 @@ def test_repro_then_noop_then_only_dependents(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     expected = {"demo", "prepare"} | {f"model@{m}" for m in params["models"]} \
         | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]} \
-        | {f"match@{b}" for b in params["backbones"]} | {"evaluate"}
+        | {f"match@{b}" for b in params["backbones"]} | {"evaluate", "report"}
     assert _stages_run(first) == expected
     assert (project / "data" / "prepared" / "pairs.parquet").is_file()
     for backbone in params["backbones"]:
@@ -58,6 +58,7 @@ def test_repro_then_noop_then_only_dependents(project):
 
     params["backbones"]["vae-sd3"]["latent"] = "sample"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3", "match@vae-sd3", "evaluate"}
+    assert (project / "reports" / "index.md").is_file() and (project / "metrics" / "pck.json").is_file()
+    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3", "match@vae-sd3", "evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])

@@ -1,0 +1,200 @@
+"""The study's figures and report, from stores and predictions only (no model is loaded).
+
+- heatmaps: the source image with the query keypoint, then the target image under the cosine map
+  (normalised to 0-1, viridis, colour bar) with the true (white circle) and predicted (red cross)
+  points, one panel per backbone / layer;
+- similarity histograms: the distribution of cosine values over target pixels, per backbone;
+- a resource table per backbone: seconds per image, peak memory, store size;
+- `reports/index.md` tying PCK tables, curves and figures together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline import store  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.match import StoreMaps  # noqa: E402
+from pipeline.metrics import HEADLINE_ALPHA  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One feature map source: a store, a layer, a timestep."""
+
+    store: str
+    layer: str
+    timestep: int
+
+    def label(self, maps: StoreMaps) -> str:
+        return f"{maps.name} {self.layer} t={self.timestep}"
+
+
+def _image(root: Path, images: pd.DataFrame, key: str) -> np.ndarray:
+    path = root / images.set_index("image").at[key, "path"]
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(path, None, f"unreadable image ({exc})") from None
+
+
+def _pair(pairs: pd.DataFrame, name: str | None) -> pd.Series:
+    if name is None:
+        # The first cross-instance pair (not an identity pair) is the more telling default.
+        cross = pairs[pairs["src_image"] != pairs["trg_image"]]
+        return (cross if len(cross) else pairs).iloc[0]
+    found = pairs[pairs["filename"] == name]
+    if found.empty:
+        raise PipelineError(None, "pair", f"no pair named {name!r} in the pairs table")
+    return found.iloc[0]
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def similarity_map(maps: StoreMaps, variant: Variant, pair: pd.Series, keypoint: int) -> np.ndarray:
+    source = maps.load(pair["src_image"], variant.layer, variant.timestep)
+    target = maps.load(pair["trg_image"], variant.layer, variant.timestep)
+    point = np.array([list(pair["src_kps"][keypoint])])
+    return target.cosine(source.vectors_at(point))[0]
+
+
+def heatmaps(variants: list[Variant], pairs: pd.DataFrame, images: pd.DataFrame, root: str | Path,
+             out: str | Path, pair_name: str | None = None, keypoint: int = 0) -> Path:
+    """Source with the query point, then one target heatmap per variant (the study's Figures 2-4)."""
+    pair = _pair(pairs, pair_name)
+    if not 0 <= keypoint < len(pair["kps_ids"]):
+        raise PipelineError(None, "keypoint", f"pair {pair['filename']} has keypoints 0..{len(pair['kps_ids']) - 1}")
+    root = Path(root)
+    source_image, target_image = _image(root, images, pair["src_image"]), _image(root, images, pair["trg_image"])
+    sx, sy = pair["src_kps"][keypoint]
+    tx, ty = pair["trg_kps"][keypoint]
+    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(3.2 * (len(variants) + 1), 3.4), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(source_image)
+    axes[0].scatter([sx], [sy], s=80, c="red", marker="o", edgecolors="white", linewidths=1.5)
+    axes[0].set_title(f"source: {pair['src_image']}\nkeypoint {pair['kps_ids'][keypoint]}", fontsize=8)
+    stores: dict[str, StoreMaps] = {}
+    for ax, variant in zip(axes[1:], variants):
+        maps = stores.setdefault(variant.store, StoreMaps(variant.store))
+        scores = similarity_map(maps, variant, pair, keypoint)
+        y, x = np.unravel_index(scores.argmax(), scores.shape)
+        normalised = (scores - scores.min()) / max(scores.max() - scores.min(), 1e-12)
+        ax.imshow(target_image)
+        shown = ax.imshow(normalised, cmap="viridis", alpha=0.6, vmin=0, vmax=1)
+        ax.scatter([tx], [ty], s=80, facecolors="none", edgecolors="white", linewidths=2, label="true")
+        ax.scatter([x], [y], s=80, c="red", marker="x", linewidths=2, label="predicted")
+        ax.set_title(variant.label(maps), fontsize=8)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    for ax in axes:
+        ax.set_axis_off()
+    axes[-1].legend(loc="lower right", fontsize=6)
+    fig.suptitle(f"{pair['filename']}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def similarity_histograms(variants: list[Variant], pairs: pd.DataFrame, out: str | Path, max_pairs: int = 8) -> Path:
+    """Distribution of cosine values over target pixels per backbone (the study's Figure 5)."""
+    chosen = pairs[pairs["src_image"] != pairs["trg_image"]].head(max_pairs)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for variant in variants:
+        maps = StoreMaps(variant.store)
+        values = [similarity_map(maps, variant, pair, k).ravel()[::7]
+                  for _, pair in chosen.iterrows() for k in range(min(3, len(pair["kps_ids"])))]
+        ax.hist(np.concatenate(values), bins=60, range=(-1, 1), histtype="step", density=True,
+                label=variant.label(maps), linewidth=1.5)
+    ax.set_xlabel("cosine similarity to the source keypoint, over target pixels")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def resource_table(store_paths: list[str | Path]) -> pd.DataFrame:
+    rows = []
+    for path in store_paths:
+        root = store.open_existing(path)
+        images = store.read_images(root)
+        done = images[images["done"]]
+        rows.append({"backbone": root.attrs.get("name"), "model": root.attrs.get("model"),
+                     "device": root.attrs.get("device"), "images": f"{len(done)}/{len(images)}",
+                     "seconds/image (median)": round(float(done["seconds"].median()), 4) if len(done) else None,
+                     "peak memory (MiB)": round(float(done["peak_memory"].max()) / 2**20) if len(done) else None,
+                     "store (MiB)": round(store.size_on_disk(path) / 2**20, 2)})
+    return pd.DataFrame(rows)
+
+
+def curve_figure(curve: pd.DataFrame, x: str, out: str | Path, xlabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for series, rows in curve.groupby("series", sort=True):
+        ax.plot(rows[x], rows["pck"], marker="o", label=series)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"PCK@{HEADLINE_ALPHA:g} (per image)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def best_variants_of(table: pd.DataFrame, stores: dict[str, str]) -> dict[str, Variant]:
+    """Per backbone, the layer and timestep with the best per-image PCK@0.1."""
+    head = table[(table["kind"] == "per_image") & (table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
+    chosen = {}
+    for backbone, rows in head.groupby("backbone", sort=True):
+        if backbone in stores:
+            best = rows.loc[rows["pck"].idxmax()]
+            chosen[backbone] = Variant(stores[backbone], best["layer"], int(best["timestep"]))
+    return chosen
+
+
+def write_report(out_dir: str | Path, table: pd.DataFrame, curves: tuple[pd.DataFrame, pd.DataFrame],
+                 stores: dict[str, str], pairs: pd.DataFrame, images: pd.DataFrame, root: str | Path) -> Path:
+    """reports/: PCK tables, curves, heatmaps, histograms, resources, tied together in index.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = best_variants_of(table, stores)
+    variants = list(best.values())
+    curve_figure(curves[0], "depth", out_dir / "pck_vs_layer.png", "relative layer depth")
+    curve_figure(curves[1], "timestep", out_dir / "pck_vs_timestep.png", "timestep (0..1000)")
+    heatmaps(variants, pairs, images, root, out_dir / "heatmaps.png")
+    similarity_histograms(variants, pairs, out_dir / "similarity_histograms.png")
+    resources = resource_table(list(stores.values()))
+
+    head = table[np.isclose(table["alpha"], HEADLINE_ALPHA) & (table["category"].isin(["all", "mean"]))]
+    wide = head.pivot_table(index=["backbone", "layer", "timestep"], columns=["kind", "category"], values="pck")
+    wide.columns = [f"{kind} ({'mean of categories' if cat == 'mean' else 'all pairs'})" for kind, cat in wide.columns]
+    chosen = pd.DataFrame([{"backbone": b, "layer": v.layer, "timestep": v.timestep} for b, v in best.items()])
+    alphas = table[(table["kind"] == "per_image") & (table["category"] == "all")].merge(chosen)
+    by_alpha = alphas.pivot_table(index=["backbone", "layer", "timestep"], columns="alpha", values="pck")
+    by_alpha.columns = [f"PCK@{a:g}" for a in by_alpha.columns]
+    text = "\n".join([
+        "# dift-cache report", "",
+        "Everything here is computed from cached stores and predictions; no model was loaded.", "",
+        "## Best layer per backbone (per image, all pairs)", "", by_alpha.round(3).reset_index().to_markdown(index=False), "",
+        f"## PCK@{HEADLINE_ALPHA:g} by backbone, layer and timestep", "", wide.round(3).reset_index().to_markdown(index=False), "",
+        "## PCK vs layer and vs timestep", "", "![PCK vs layer](pck_vs_layer.png)", "",
+        "![PCK vs timestep](pck_vs_timestep.png)", "",
+        "## Similarity heatmaps (best layer per backbone)", "",
+        "Source with the query point; each target under its cosine map (0-1, viridis); white circle: true "
+        "point, red cross: prediction.", "", "![heatmaps](heatmaps.png)", "",
+        "## Distribution of similarity values", "", "![histograms](similarity_histograms.png)", "",
+        "## Resources", "", resources.to_markdown(index=False), "",
+    ])
+    (out_dir / "index.md").write_text(text)
+    return out_dir / "index.md"

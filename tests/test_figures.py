@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from pipeline import figures, metrics
+from pipeline.match import StoreMaps, match_store
+
+
+def test_report_from_cache(demo_stores, tmp_path):
+    stores = {name: str(path) for name, path in demo_stores["stores"].items()}
+    predictions = pd.concat([match_store(path, demo_stores["pairs"]) for path in stores.values()])
+    table = metrics.pck_table(predictions)
+    index = figures.write_report(tmp_path / "reports", table, metrics.curve_tables(table), stores,
+                                 demo_stores["pairs"], demo_stores["images"], demo_stores["root"])
+    text = index.read_text()
+    for name in stores:
+        assert f"| {name}" in text
+    for png in ("heatmaps", "similarity_histograms", "pck_vs_layer", "pck_vs_timestep"):
+        assert f"({png}.png)" in text
+        with Image.open(tmp_path / "reports" / f"{png}.png") as image:
+            assert image.width > 300 and image.height > 200
+    assert "seconds/image (median)" in text and "store (MiB)" in text
+
+
+def test_heatmap_peak_is_the_prediction(demo_stores):
+    pairs = demo_stores["pairs"]
+    pair = pairs[pairs["src_image"] != pairs["trg_image"]].iloc[3]
+    path = demo_stores["stores"]["tiny-sd3"]
+    maps = StoreMaps(path)
+    variant = figures.Variant(str(path), "transformer_blocks.3", 261)
+    scores = figures.similarity_map(maps, variant, pair, keypoint=2)
+    assert scores.shape == (pair["trg_height"], pair["trg_width"])
+    predictions = match_store(path, pairs[pairs["filename"] == pair["filename"]], layers=["transformer_blocks.3"])
+    y, x = np.unravel_index(scores.argmax(), scores.shape)
+    assert (predictions.iloc[2]["pred_x"], predictions.iloc[2]["pred_y"]) == (x, y)
+
+
+def test_cli_show(demo_stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    demo_stores["pairs"].to_parquet("pairs.parquet")
+    demo_stores["images"].to_parquet("images.parquet")
+    params = {"data": {"root": str(demo_stores["root"]), "pairs": "pairs.parquet", "images": "images.parquet"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stores = [str(demo_stores["stores"][name]) for name in ("tiny-sd2", "tiny-sd3")]
+    args = ["show", "--store", stores[0], "--store", stores[1], "--layer", "up_blocks.1", "--layer",
+            "transformer_blocks.1", "--out", "h.png"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "h.png") as image:
+        assert image.width > image.height  # source + 2 panels side by side
+    result = CliRunner().invoke(cli, args + ["--keypoint", "99"])
+    assert result.exit_code == 2 and result.output.startswith("error: keypoint: pair ")
