@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from pipeline.errors import PipelineError
 
@@ -118,10 +119,13 @@ def extract(backbone, out, overwrite, params_file):
 @click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
 @click.option("--protocol", type=click.Choice(["dift", "fast"]), default="dift", show_default=True)
 @click.option("--top-k", type=int, default=10, show_default=True, help="fast: FAISS candidates refined per keypoint.")
+@click.option("--transform", "transform_specs", multiple=True,
+              help="Feature transform (repeatable): raw, layernorm, adaln, drop:auto, drop:i,j, joined with +; "
+                   "default raw.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Predictions table; default predictions/<store name>.parquet.")
 @_params_option
-def match(path, pairs, layers, timesteps, protocol, top_k, out, params_file):
+def match(path, pairs, layers, timesteps, protocol, top_k, transform_specs, out, params_file):
     """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
     import pandas as pd
 
@@ -133,7 +137,7 @@ def match(path, pairs, layers, timesteps, protocol, top_k, out, params_file):
 
         pairs = Path(load_params(params_file).data.pairs)
     table = pd.read_parquet(pairs)
-    predictions = match_store(path, table, layers, timesteps, protocol, top_k)
+    predictions = match_store(path, table, layers, timesteps, protocol, top_k, transform_specs or ("raw",))
     out = out or Path("predictions") / f"{path.stem}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(out, index=False)
@@ -171,6 +175,25 @@ def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
     written = heatmaps(variants, pd.read_parquet(data.pairs), pd.read_parquet(data.images), data.root, out,
                        pair_name, keypoint)
     click.echo(f"heatmaps -> {written}")
+
+
+@cli.command()
+@click.option("--store", "path", type=click.Path(path_type=Path), required=True)
+@click.option("--layer", required=True, help="Layer (module path).")
+@click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
+@click.option("--top", type=int, default=10, show_default=True, help="Channels listed.")
+def inspect(path, layer, timestep, top):
+    """Per-channel magnitude statistics of a layer, and the detected massive channels."""
+    from pipeline.match import StoreMaps
+    from pipeline.transforms import channel_statistics
+
+    maps = StoreMaps(path)
+    if layer not in maps.layers:
+        raise PipelineError(path, "layer", f"unknown layer {layer!r}; the store has {maps.layers}")
+    timestep = timestep if timestep is not None else maps.timesteps[0]
+    images = [image for image in maps.images.index if maps.images.at[image, "done"]][:16]
+    click.echo(channel_statistics(np.stack([maps.raw(image, layer, timestep) for image in images]), top))
+    click.echo(f"massive channels (drop:auto): {list(maps.massive(layer, timestep))}")
 
 
 @cli.command()

@@ -72,6 +72,7 @@ class ModelParams:
 class MatchParams:
     protocol: str = "dift"  # dift: DIFT's exact evaluation; fast: FAISS candidates refined exactly
     top_k: int = 10  # fast: candidate cells per keypoint
+    transforms: list[str] = field(default_factory=lambda: ["raw"])  # see pipeline/transforms.py
     predictions: str = "predictions"  # one table per backbone: <predictions>/<backbone>.parquet
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
-from pipeline import store
+from pipeline import store, transforms
 from pipeline.errors import PipelineError
 from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
 from pipeline.metrics import bbox_threshold
@@ -46,6 +46,7 @@ class StoreMaps:
         self.layers = store.layers(self.root)
         self.name = self.root.attrs.get("name", self.path.stem)
         self.load = lru_cache(maxsize=8)(self._load)
+        self.massive = lru_cache(maxsize=None)(self._massive)
 
     def check_images(self, keys) -> None:
         for key in keys:
@@ -54,47 +55,76 @@ class StoreMaps:
             if not self.images.at[key, "done"]:
                 raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
 
-    def _load(self, image: str, layer: str, timestep: int) -> FeatureMap:
-        node = self.root[layer]
-        features = node["features"][self.position[image], self.timesteps.index(timestep)].astype(np.float32)
-        row = self.images.loc[image]
+    def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
+        features = self.root[layer]["features"][self.position[image], self.timesteps.index(timestep)]
+        features = features.astype(np.float32)
         if not np.isfinite(features).all():
             raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
+        return features
+
+    def _massive(self, layer: str, timestep: int, sample: int = 16) -> tuple[int, ...]:
+        """Massive channels of a layer at a timestep, from its first `sample` images."""
+        done = [image for image in self.images.index if self.images.at[image, "done"]][:sample]
+        stacked = np.stack([self.raw(image, layer, timestep) for image in done])
+        return transforms.massive_channels(transforms.channel_magnitudes(stacked))
+
+    def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
+        node = self.root[layer]
+        features = self.raw(image, layer, timestep)
+        steps = transforms.parse(transform)
+        if steps:
+            index, t = self.position[image], self.timesteps.index(timestep)
+            has_modulation = "shift" in node and "scale" in node
+            shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
+            scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
+            try:
+                features = transforms.apply(steps, features, self.massive(layer, timestep), shift, scale)
+            except PipelineError as exc:
+                raise PipelineError(self.path, f"{layer}: transform {transform}", exc.reason) from None
+        row = self.images.loc[image]
         return FeatureMap(features, int(row["width"]), int(row["height"]), float(row["valid_x1"]),
                           float(row["valid_y1"]), float(node.attrs["stride"]))
 
 
 def match_store(path: str | Path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
-                top_k: int = 10) -> pd.DataFrame:
-    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer and timestep."""
+                top_k: int = 10, transform_specs=("raw",)) -> pd.DataFrame:
+    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer, timestep and
+    feature transform (see pipeline.transforms)."""
     if protocol not in PROTOCOLS:
         raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     maps = StoreMaps(path)
     layers = _selection(layers, maps.layers, "layer", path)
     timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", path)
     maps.check_images(pd.unique(pd.concat([pairs["src_image"], pairs["trg_image"]])))
+    transform_specs = list(transform_specs or ["raw"])
+    for spec in transform_specs:
+        transforms.parse(spec)  # refuse a bad spec before any work
 
     frames = []
-    total = len(pairs) * len(layers) * len(timesteps)
+    total = len(pairs) * len(layers) * len(timesteps) * len(transform_specs)
     with tqdm(total=total, unit="pair", desc=f"match {maps.name} ({protocol})") as bar:
         for target_image, group in pairs.groupby("trg_image", sort=True):
             for layer in layers:
                 for timestep in timesteps:
-                    target = maps.load(target_image, layer, timestep)
-                    index = TargetIndex(target) if protocol == "fast" else None
-                    for pair in group.itertuples(index=False):
-                        source = maps.load(pair.src_image, layer, timestep)
-                        points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
-                        if protocol == "dift":
-                            predicted, stats = match_dift(source, target, points)
-                        else:
-                            predicted, stats = match_fast(source, index, points, top_k)
-                        frames.append(_rows(pair, points, predicted, stats, maps.name, layer, timestep, protocol))
-                        bar.update()
+                    for spec in transform_specs:
+                        target = maps.load(target_image, layer, timestep, spec)
+                        index = TargetIndex(target) if protocol == "fast" else None
+                        dropped = ",".join(map(str, maps.massive(layer, timestep))) if "drop:auto" in spec else ""
+                        variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": protocol,
+                                   "transform": spec, "dropped_channels": dropped}
+                        for pair in group.itertuples(index=False):
+                            source = maps.load(pair.src_image, layer, timestep, spec)
+                            points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
+                            if protocol == "dift":
+                                predicted, stats = match_dift(source, target, points)
+                            else:
+                                predicted, stats = match_fast(source, index, points, top_k)
+                            frames.append(_rows(pair, points, predicted, stats, variant))
+                            bar.update()
     return pd.concat(frames, ignore_index=True)
 
 
-def _rows(pair, points, predicted, stats, backbone, layer, timestep, protocol) -> pd.DataFrame:
+def _rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
     truth = np.array([list(p) for p in pair.trg_kps], dtype=np.float64)
     return pd.DataFrame({
         "split": pair.split, "pair": pair.filename, "category": pair.category,
@@ -103,5 +133,5 @@ def _rows(pair, points, predicted, stats, backbone, layer, timestep, protocol) -
         "pred_x": predicted[:, 0], "pred_y": predicted[:, 1],
         "distance": np.hypot(predicted[:, 0] - truth[:, 0], predicted[:, 1] - truth[:, 1]),
         "threshold": bbox_threshold(list(pair.trg_bndbox)),
-        "backbone": backbone, "layer": layer, "timestep": timestep, "protocol": protocol, **stats,
+        **variant, **stats,
     })

@@ -25,7 +25,7 @@ ALPHAS = (0.01, 0.05, 0.1, 0.15)
 HEADLINE_ALPHA = 0.1
 PREDICTION_COLUMNS = (
     "split", "pair", "pair_id", "category", "src_image", "trg_image", "keypoint",
-    "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "distance",
+    "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "distance", "dropped_channels",
 )
 REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "threshold")
 

@@ -54,6 +54,7 @@ def test_predictions_table_columns(demo_stores):
     predictions = match_store(demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"], layers=["transformer_blocks.3"])
     expected = {"split", "pair", "category", "src_image", "trg_image", "keypoint", "src_x", "src_y", "trg_x", "trg_y",
                 "pred_x", "pred_y", "distance", "threshold", "backbone", "layer", "timestep", "protocol",
+                "transform", "dropped_channels",
                 "sim_max", "sim_mean", "sim_std", "sim_entropy", "sim_peak_ratio"}
     assert set(predictions.columns) == expected
     assert len(predictions) == demo_stores["pairs"]["kps_ids"].map(len).sum()
