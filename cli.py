@@ -112,7 +112,8 @@ def extract(backbone, out, overwrite, params_file):
 
 
 @cli.command()
-@click.option("--store", "path", type=click.Path(path_type=Path), required=True, help="Features store.")
+@click.option("--store", "paths", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="Features store; repeat to fuse stores (one --layer and --timestep per store, and --weights).")
 @click.option("--pairs", type=click.Path(path_type=Path), default=None,
               help="Pairs table; default data.pairs in params.yaml.")
 @click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
@@ -122,10 +123,11 @@ def extract(backbone, out, overwrite, params_file):
 @click.option("--transform", "transform_specs", multiple=True,
               help="Feature transform (repeatable): raw, layernorm, adaln, drop:auto, drop:i,j, joined with +; "
                    "default raw.")
+@click.option("--weights", default=None, help="Fusion: one weight per store, e.g. 0.5,0.5.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Predictions table; default predictions/<store name>.parquet.")
 @_params_option
-def match(path, pairs, layers, timesteps, protocol, top_k, transform_specs, out, params_file):
+def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, weights, out, params_file):
     """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
     import pandas as pd
 
@@ -137,8 +139,17 @@ def match(path, pairs, layers, timesteps, protocol, top_k, transform_specs, out,
 
         pairs = Path(load_params(params_file).data.pairs)
     table = pd.read_parquet(pairs)
-    predictions = match_store(path, table, layers, timesteps, protocol, top_k, transform_specs or ("raw",))
-    out = out or Path("predictions") / f"{path.stem}.parquet"
+    source, name = paths[0], paths[0].stem
+    if len(paths) > 1:
+        from pipeline.fusion import FusedMaps
+        from pipeline.match import StoreMaps
+
+        chosen_timesteps = list(timesteps) or [StoreMaps(p).timesteps[0] for p in paths]
+        split_weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(paths)
+        source = FusedMaps(list(paths), list(layers), chosen_timesteps, split_weights)
+        name, layers, timesteps = "fused-" + "-".join(p.stem for p in paths), None, None
+    predictions = match_store(source, table, layers, timesteps, protocol, top_k, transform_specs or ("raw",))
+    out = out or Path("predictions") / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(out, index=False)
     click.echo(metrics.format_headline(metrics.pck_table(predictions)))

@@ -42,7 +42,7 @@ class EncoderParams:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    kind: str  # sd2 | sd3 | vae-sd2 | vae-sd3
+    kind: str  # sd2 | sd3 | flux | vae-sd2 | vae-sd3
     model: str  # hub id or local pipeline folder
     latents: str  # name of the encoder (params.yaml `encoders`) whose latents store feeds this backbone
     layers: list[str] = field(default_factory=list)  # module paths, e.g. up_blocks.1, transformer_blocks.12

@@ -62,6 +62,10 @@ class StoreMaps:
             raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
         return features
 
+    def dropped(self, layer: str, timestep: int, spec: str) -> str:
+        """The channels `drop:auto` zeroes for this variant, as recorded in predictions."""
+        return ",".join(map(str, self.massive(layer, timestep))) if "drop:auto" in spec else ""
+
     def _massive(self, layer: str, timestep: int, sample: int = 16) -> tuple[int, ...]:
         """Massive channels of a layer at a timestep, from its first `sample` images."""
         done = [image for image in self.images.index if self.images.at[image, "done"]][:sample]
@@ -86,13 +90,14 @@ class StoreMaps:
                           float(row["valid_y1"]), float(node.attrs["stride"]))
 
 
-def match_store(path: str | Path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
+def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
                 top_k: int = 10, transform_specs=("raw",)) -> pd.DataFrame:
     """The predictions table (see pipeline.metrics) for every pair, keypoint, layer, timestep and
-    feature transform (see pipeline.transforms)."""
+    feature transform (see pipeline.transforms). `path` is a store, or maps already opened
+    (StoreMaps, or pipeline.fusion.FusedMaps)."""
     if protocol not in PROTOCOLS:
         raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    maps = StoreMaps(path)
+    maps = path if hasattr(path, "load") else StoreMaps(path)
     layers = _selection(layers, maps.layers, "layer", path)
     timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", path)
     maps.check_images(pd.unique(pd.concat([pairs["src_image"], pairs["trg_image"]])))
@@ -109,7 +114,7 @@ def match_store(path: str | Path, pairs: pd.DataFrame, layers=None, timesteps=No
                     for spec in transform_specs:
                         target = maps.load(target_image, layer, timestep, spec)
                         index = TargetIndex(target) if protocol == "fast" else None
-                        dropped = ",".join(map(str, maps.massive(layer, timestep))) if "drop:auto" in spec else ""
+                        dropped = maps.dropped(layer, timestep, spec)
                         variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": protocol,
                                    "transform": spec, "dropped_channels": dropped}
                         for pair in group.itertuples(index=False):

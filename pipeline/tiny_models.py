@@ -1,4 +1,4 @@
-"""Random-initialised, tiny stand-ins for Stable Diffusion 2.1 and Stable Diffusion 3.
+"""Random-initialised, tiny stand-ins for Stable Diffusion 2.1, Stable Diffusion 3 and FLUX.1.
 
 Real weights cannot be downloaded in CI or on air-gapped machines, yet the feature-extraction
 code must be exercised end to end (``from_pretrained``, VAE encode, noising, hooks on the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import string
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,6 +172,74 @@ SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
 SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
+# ---- FLUX.1 (black-forest-labs/FLUX.1-dev) --------------------------------------------------
+
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    **SD3_VAE_CONFIG,  # same 16-channel, factor-8 layout without quant convs
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+
+# Real: CLIP-L (CLIPTextModel, hidden 768); FLUX uses only its pooled output (pooler_output,
+# hidden width), so pooled_projection_dim == hidden_size.
+FLUX_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": TOKENIZER_MAX_LENGTH,
+    "hidden_act": "quick_gelu",  # OpenAI CLIP-L
+    "layer_norm_eps": 1e-5,
+}
+FLUX_TOKENIZER_PAD = "<|endoftext|>"
+
+# Real: T5 v1.1 XXL encoder (d_model 4096, d_ff 10240, 64 heads of 64, 24 layers, gated-gelu).
+FLUX_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.1,  # as released; inert in eval mode
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+    "is_encoder_decoder": False,
+    "use_cache": False,
+    # vocab_size / pad / eos / decoder_start ids are filled in from the generated tokenizer.
+}
+# FLUX.1-dev runs T5 at 512 tokens (schnell: 256); the tokenizer's model_max_length is 512.
+FLUX_T5_MAX_LENGTH = 512
+
+FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,  # 2x2 patching happens in the pipeline (_pack_latents): 16 * 4 = 64 features
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 2,  # real: 19 double-stream blocks
+    "num_single_layers": 4,  # real: 38 single-stream blocks
+    "attention_head_dim": 16,  # real: 128
+    "num_attention_heads": 2,  # real: 24; inner width 2 * 16 = 32 (real 3072)
+    "joint_attention_dim": FLUX_TEXT_ENCODER_2_CONFIG["d_model"],  # T5 width (real 4096)
+    "pooled_projection_dim": FLUX_TEXT_ENCODER_CONFIG["hidden_size"],  # CLIP-L pooler width (real 768)
+    "guidance_embeds": True,  # FLUX.1-dev is guidance-distilled (schnell: False)
+    "axes_dims_rope": (4, 6, 6),  # real (16, 56, 56); must sum to attention_head_dim
+}
+
+# Verbatim from FLUX.1-dev's scheduler_config.json.
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
@@ -259,6 +328,49 @@ def _save_tokenizer_vocab_too(pipeline_dir: Path, subfolders: tuple[str, ...]) -
     # which keeps the folder loadable by slow/legacy tokenizers.
     for sub in subfolders:
         _write_vocab_files(pipeline_dir / sub)
+
+
+# ---- T5 tokenizer (built offline) ------------------------------------------------------------
+
+# Whole-word pieces ("▁" marks a word start, as in SentencePiece) for prompt words: the SPair-71k
+# categories, the demo's, and the template "a photo of a {category}". Any other word falls back to
+# single characters; characters outside the table become <unk>, as in real T5.
+_T5_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "photo", "picture", "image",
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+    "star", "blob", "tile",
+)
+_T5_CHARS = string.ascii_letters + string.digits + string.punctuation
+_SPM_SPACE = "\u2581"  # "▁": SentencePiece's word-start mark
+
+
+def make_tiny_t5_tokenizer():
+    """A T5TokenizerFast with T5's structure (Unigram over SentencePiece-style pieces, Metaspace
+    pre-tokenizer, "</s>" appended) over a tiny vocabulary: <pad>=0, </s>=1, <unk>=2 as in T5."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_SPM_SPACE, -2.0)]
+    vocab += [(_SPM_SPACE + word, -3.0) for word in _T5_WORDS]  # a word beats any spelling of it
+    vocab += [(char, -8.0) for char in _T5_CHARS]
+    backend = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    backend.normalizer = normalizers.NFKC()  # real T5: SentencePiece's nmt_nfkc
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=_SPM_SPACE, prepend_scheme="always", split=True),
+    ])
+    backend.decoder = decoders.Metaspace(replacement=_SPM_SPACE, prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tok = T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_ids=0, model_max_length=FLUX_T5_MAX_LENGTH,
+    )
+    tok.name_or_path = ""
+    return tok
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +473,48 @@ def make_tiny_sd3(out_dir: str | Path, seed: int = 0, transformer_overrides: dic
     return out_dir
 
 
+def make_tiny_flux(out_dir: str | Path, seed: int = 0, transformer_overrides: dict | None = None) -> Path:
+    """Write a random-initialised, FLUX.1-dev-shaped ``FluxPipeline`` to ``out_dir``.
+
+    CLIP-L (pooled output only) and a T5 encoder (sequence embeddings), a 16-channel VAE without
+    quant convs, a guidance-distilled transformer of double- then single-stream blocks, and the
+    dynamic-shift flow-matching scheduler. ``transformer_overrides`` widens or deepens the
+    transformer (e.g. ``num_single_layers=10`` to have DiTF's ``single_transformer_blocks.9``).
+    Load it with ``FluxPipeline.from_pretrained(out_dir)``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    tok = make_tiny_clip_tokenizer(pad_token=FLUX_TOKENIZER_PAD)
+    tok_2 = make_tiny_t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=len(tok_2), pad_token_id=tok_2.pad_token_id, eos_token_id=tok_2.eos_token_id,
+        decoder_start_token_id=tok_2.pad_token_id, **FLUX_TEXT_ENCODER_2_CONFIG,
+    )
+
+    vae = _build(lambda: AutoencoderKL(**FLUX_VAE_CONFIG), seed)
+    text_encoder = _build(lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, FLUX_TEXT_ENCODER_CONFIG)), seed)
+    text_encoder_2 = _build(lambda: T5EncoderModel(t5_config), seed + 1)
+    transformer = _build(
+        lambda: FluxTransformer2DModel(**{**FLUX_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tok_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer_vocab_too(out_dir, ("tokenizer",))
+    return out_dir
+
+
 # Components that are null in the tiny SD3 model_index.json. diffusers 0.42 refuses to load a
 # pipeline whose non-optional components are null unless they are passed explicitly, so load
 # with StableDiffusion3Pipeline.from_pretrained(path, **SD3_NO_T5_LOAD_KWARGS). The same kwargs
@@ -370,11 +524,12 @@ SD3_NO_T5_LOAD_KWARGS: dict[str, None] = {"text_encoder_3": None, "tokenizer_3":
 TINY_BUILDERS = {
     "tiny-sd2": make_tiny_sd2,
     "tiny-sd3": make_tiny_sd3,
+    "tiny-flux": make_tiny_flux,
 }
 
 
 def make_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model called ``name`` ("tiny-sd2" or "tiny-sd3") into ``out_dir``."""
+    """Build the tiny model called ``name`` ("tiny-sd2", "tiny-sd3" or "tiny-flux") into ``out_dir``."""
     try:
         builder = TINY_BUILDERS[name]
     except KeyError:

@@ -101,9 +101,9 @@ def flow_noised(x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def make_backbone(params: BackboneParams, latents_attrs: dict, device, dtype) -> Backbone:
-    from pipeline.backbones import sd2, sd3, vae
+    from pipeline.backbones import flux, sd2, sd3, vae
 
-    kinds = {"sd2": sd2.SD2, "sd3": sd3.SD3, "vae-sd2": vae.VAELatent, "vae-sd3": vae.VAELatent}
+    kinds = {"sd2": sd2.SD2, "sd3": sd3.SD3, "flux": flux.Flux, "vae-sd2": vae.VAELatent, "vae-sd3": vae.VAELatent}
     if params.kind not in kinds:
         raise PipelineError("params.yaml", "kind", f"unknown backbone kind {params.kind!r}; expected one of {sorted(kinds)}")
     return kinds[params.kind](params, latents_attrs, device, dtype)
