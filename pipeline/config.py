@@ -33,7 +33,8 @@ class DemoParams:
 
 @dataclass(frozen=True)
 class EncoderParams:
-    model: str
+    model: str = ""  # the pipeline folder or hub id whose VAE encodes; unused for kind "pixels"
+    kind: str = "vae"  # vae: posterior mean and std; pixels: the canvas itself (for dinov2 / clip)
     canvas: int = 768
     canvas_mode: str = "squash"
     dtype: str = "float32"
@@ -42,7 +43,7 @@ class EncoderParams:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    kind: str  # sd2 | sd3 | flux | vae-sd2 | vae-sd3
+    kind: str  # sd2 | sd3 | flux | vae-sd2 | vae-sd3 | dinov2 | clip
     model: str  # hub id or local pipeline folder
     latents: str  # name of the encoder (params.yaml `encoders`) whose latents store feeds this backbone
     layers: list[str] = field(default_factory=list)  # module paths, e.g. up_blocks.1, transformer_blocks.12

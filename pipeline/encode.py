@@ -69,24 +69,30 @@ def peak_memory(device: torch.device) -> int:
 
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
            overwrite: bool = False, dataset: dict | None = None) -> Path:
-    """Write the latents store `out`: posterior mean and std per image. Resumes an interrupted run."""
-    hub.quiet()
-    from diffusers import AutoencoderKL
-
+    """Write the latents store `out`: posterior mean and std per image (for `kind: pixels`, the canvas
+    itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run."""
+    if params.kind not in ("vae", "pixels"):
+        raise PipelineError("params.yaml", "kind", f"unknown encoder kind {params.kind!r}; expected vae or pixels")
     if params.canvas % 16:
         raise PipelineError("params.yaml", "canvas", f"{params.canvas} is not a multiple of 16")
     table = images_on_canvas(images, params.canvas, params.canvas_mode)
     device = hub.resolve_device(params.device)
     dtype = hub.resolve_dtype(params.dtype, device)
-    vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
+    vae, factors = None, {"scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": 3}
+    if params.kind == "vae":
+        hub.quiet()
+        from diffusers import AutoencoderKL
+
+        vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
+        factors = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
+                   "latent_channels": vae.config.latent_channels}
     determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
                     "images": store.fingerprint(table.to_dict("list"))}
     determinants.pop("device")
     root = store.open_store(out, {
-        "kind": "latents", "model": params.model, "canvas": params.canvas, "canvas_mode": params.canvas_mode,
-        "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
-        "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
-        "latent_channels": vae.config.latent_channels, "determinants": determinants,
+        "kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
+        "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
+        **factors, "determinants": determinants,
     }, table, None, overwrite)
     done = store.done_mask(root)
     todo = np.flatnonzero(~done)
@@ -96,16 +102,21 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
             start = time.perf_counter()
             key = table["image"].iloc[index]
             pixels = load_canvas(Path(dataset_root) / paths[key], params.canvas, params.canvas_mode)
-            with torch.no_grad():
-                posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
-            mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
-            std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
+            if vae is None:
+                mean = pixels.permute(1, 2, 0).numpy()
+                std = np.zeros_like(mean)
+            else:
+                with torch.no_grad():
+                    posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+                mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
+                std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
             h, w, c = mean.shape
             stride = params.canvas / h
             node = store.ensure_layer(
                 root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
                 {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-                {"stride": stride, "description": "VAE posterior on the canvas, before any scaling"}, dtype="float32",
+                {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
+                 "VAE posterior on the canvas, before any scaling"}, dtype="float32",
             )
             node["mean"][index], node["std"][index] = mean, std
             store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))

@@ -521,10 +521,39 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, transformer_overrides: di
 # skip loading T5-XXL from the real SD3 repository, so one loader call serves both.
 SD3_NO_T5_LOAD_KWARGS: dict[str, None] = {"text_encoder_3": None, "tokenizer_3": None}
 
+# Vision-transformer baselines from DIFT's table (DINOv2, OpenCLIP): tiny random encoders with the real
+# models' patch size and token layout, written with save_pretrained like the real checkpoints.
+TINY_DINOV2_CONFIG: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+                                      "mlp_ratio": 2, "patch_size": 14, "image_size": 224}  # real B/14: 768, 12
+TINY_CLIP_VISION_CONFIG: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+                                           "num_attention_heads": 2, "patch_size": 14, "image_size": 224,
+                                           "projection_dim": 32}  # real ViT-H/14: 1280, 32 layers
+
+
+def make_tiny_dinov2(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-initialised ``Dinov2Model`` folder (patch 14, CLS token first, then patch tokens)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    model = _build(lambda: Dinov2Model(Dinov2Config(**TINY_DINOV2_CONFIG)), seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def make_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-initialised ``CLIPVisionModel`` folder (patch 14, CLS token first, then patch tokens)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = _build(lambda: CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION_CONFIG)), seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 TINY_BUILDERS = {
     "tiny-sd2": make_tiny_sd2,
     "tiny-sd3": make_tiny_sd3,
     "tiny-flux": make_tiny_flux,
+    "tiny-dinov2": make_tiny_dinov2,
+    "tiny-clip": make_tiny_clip_vision,
 }
 
 

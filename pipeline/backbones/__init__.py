@@ -101,9 +101,15 @@ def flow_noised(x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def make_backbone(params: BackboneParams, latents_attrs: dict, device, dtype) -> Backbone:
-    from pipeline.backbones import flux, sd2, sd3, vae
+    from pipeline.backbones import flux, sd2, sd3, vae, vit
 
-    kinds = {"sd2": sd2.SD2, "sd3": sd3.SD3, "flux": flux.Flux, "vae-sd2": vae.VAELatent, "vae-sd3": vae.VAELatent}
+    kinds = {"sd2": sd2.SD2, "sd3": sd3.SD3, "flux": flux.Flux, "vae-sd2": vae.VAELatent, "vae-sd3": vae.VAELatent,
+             "dinov2": vit.ViT, "clip": vit.ViT}
     if params.kind not in kinds:
         raise PipelineError("params.yaml", "kind", f"unknown backbone kind {params.kind!r}; expected one of {sorted(kinds)}")
+    reads_pixels = params.kind in ("dinov2", "clip")
+    if reads_pixels != (latents_attrs.get("encoder", "vae") == "pixels"):
+        needed = "kind: pixels" if reads_pixels else "kind: vae"
+        raise PipelineError("params.yaml", "latents", f"{params.kind} needs an encoder with `{needed}`; "
+                            f"{params.latents!r} is a {latents_attrs.get('encoder', 'vae')} encoder")
     return kinds[params.kind](params, latents_attrs, device, dtype)
