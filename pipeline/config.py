@@ -73,7 +73,11 @@ class ModelParams:
 class MatchParams:
     protocol: str = "dift"  # dift: DIFT's exact evaluation; fast: FAISS candidates refined exactly
     top_k: int = 10  # fast: candidate cells per keypoint
-    transforms: list[str] = field(default_factory=lambda: ["raw"])  # see pipeline/transforms.py
+    # Feature transforms per backbone name (pipeline/transforms.py); a backbone not listed gets [raw].
+    transforms: dict[str, list[str]] = field(default_factory=dict)
+
+    def transforms_for(self, backbone: str) -> list[str]:
+        return list(self.transforms.get(backbone, ["raw"]))
     predictions: str = "predictions"  # one table per backbone: <predictions>/<backbone>.parquet
 
 

@@ -34,9 +34,10 @@ class Variant:
     store: str
     layer: str
     timestep: int
+    transform: str = "raw"
 
     def label(self, maps: StoreMaps) -> str:
-        return f"{maps.name} {self.layer} t={self.timestep}"
+        return f"{maps.name} {self.layer} t={self.timestep}" + ("" if self.transform == "raw" else f" {self.transform}")
 
 
 def _image(root: Path, images: pd.DataFrame, key: str) -> np.ndarray:
@@ -68,8 +69,8 @@ def _save(fig, out: str | Path) -> Path:
 
 
 def similarity_map(maps: StoreMaps, variant: Variant, pair: pd.Series, keypoint: int) -> np.ndarray:
-    source = maps.load(pair["src_image"], variant.layer, variant.timestep)
-    target = maps.load(pair["trg_image"], variant.layer, variant.timestep)
+    source = maps.load(pair["src_image"], variant.layer, variant.timestep, variant.transform)
+    target = maps.load(pair["trg_image"], variant.layer, variant.timestep, variant.transform)
     point = np.array([list(pair["src_kps"][keypoint])])
     return target.cosine(source.vectors_at(point))[0]
 
@@ -152,6 +153,35 @@ def curve_figure(curve: pd.DataFrame, x: str, out: str | Path, xlabel: str) -> P
     return _save(fig, out)
 
 
+# Published SPair-71k test PCK@0.1 (bbox) from DESIGN.md: (method, backbone kind, transform, PCK x 100, kind).
+PUBLISHED = [
+    ("DIFT, SD2.1 up_blocks.1 t=261", "sd2", "raw", 52.9, "per_image"),
+    ("DIFT, SD2.1 (re-runs)", "sd2", "raw", 59.6, "per_point"),
+    ("OpenCLIP ViT-H/14", "clip", "raw", 38.4, "per_image"),
+    ("DINOv2-B/14", "dinov2", "raw", 55.6, "per_point"),
+    ("DiTF, FLUX raw", "flux", "raw", 29.9, "per_image"),
+    ("DiTF, FLUX AdaLN", "flux", "adaln", 65.3, "per_image"),
+    ("DiTF, FLUX AdaLN + channel discard", "flux", "drop:auto+adaln", 67.1, "per_image"),
+    ("DINO ViT-B/8", None, None, 33.9, "per_image"),
+    ("SD+DINO fusion", None, None, 64.0, "per_point"),
+]
+
+
+def published_table(table: pd.DataFrame, stores: dict[str, str]) -> pd.DataFrame:
+    """The published figures beside the best measured PCK@0.1 of each backbone of the same kind."""
+    kinds = {name: store.open_existing(path).attrs.get("backbone") for name, path in stores.items()}
+    head = table[(table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
+    rows = []
+    for method, kind, transform, value, measure in PUBLISHED:
+        names = [name for name, k in kinds.items() if k == kind]
+        chosen = head[head["backbone"].isin(names) & (head["kind"] == measure)]
+        if "transform" in chosen:
+            chosen = chosen[chosen["transform"] == transform]
+        measured = f"{100 * chosen['pck'].max():.1f} ({', '.join(names)})" if len(chosen) else "-"
+        rows.append({"published": method, "PCK@0.1": value, "kind": measure.replace("_", " "), "measured here": measured})
+    return pd.DataFrame(rows)
+
+
 def best_variants_of(table: pd.DataFrame, stores: dict[str, str]) -> dict[str, Variant]:
     """Per backbone, the layer and timestep with the best per-image PCK@0.1."""
     head = table[(table["kind"] == "per_image") & (table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
@@ -159,7 +189,8 @@ def best_variants_of(table: pd.DataFrame, stores: dict[str, str]) -> dict[str, V
     for backbone, rows in head.groupby("backbone", sort=True):
         if backbone in stores:
             best = rows.loc[rows["pck"].idxmax()]
-            chosen[backbone] = Variant(stores[backbone], best["layer"], int(best["timestep"]))
+            chosen[backbone] = Variant(stores[backbone], best["layer"], int(best["timestep"]),
+                                       str(best.get("transform", "raw")))
     return chosen
 
 
@@ -177,17 +208,29 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, curves: tuple[pd.Data
     resources = resource_table(list(stores.values()))
 
     head = table[np.isclose(table["alpha"], HEADLINE_ALPHA) & (table["category"].isin(["all", "mean"]))]
-    wide = head.pivot_table(index=["backbone", "layer", "timestep"], columns=["kind", "category"], values="pck")
+    index = [c for c in ("backbone", "layer", "timestep", "transform") if c in head]
+    wide = head.pivot_table(index=index, columns=["kind", "category"], values="pck")
     wide.columns = [f"{kind} ({'mean of categories' if cat == 'mean' else 'all pairs'})" for kind, cat in wide.columns]
-    chosen = pd.DataFrame([{"backbone": b, "layer": v.layer, "timestep": v.timestep} for b, v in best.items()])
-    alphas = table[(table["kind"] == "per_image") & (table["category"] == "all")].merge(chosen)
-    by_alpha = alphas.pivot_table(index=["backbone", "layer", "timestep"], columns="alpha", values="pck")
+    chosen = pd.DataFrame([{"backbone": b, "layer": v.layer, "timestep": v.timestep, "transform": v.transform}
+                           for b, v in best.items()])
+    alphas = table[(table["kind"] == "per_image") & (table["category"] == "all")]
+    alphas = alphas.merge(chosen if "transform" in alphas else chosen.drop(columns="transform"))
+    by_alpha = alphas.pivot_table(index=[c for c in chosen.columns if c in alphas], columns="alpha", values="pck")
     by_alpha.columns = [f"PCK@{a:g}" for a in by_alpha.columns]
+    per_image = head[(head["kind"] == "per_image") & (head["category"] == "all")]
+    by_transform = per_image.pivot_table(index="backbone", columns="transform", values="pck", aggfunc="max") \
+        if "transform" in per_image else per_image.groupby("backbone")["pck"].max().to_frame("raw")
     text = "\n".join([
         "# dift-cache report", "",
         "Everything here is computed from cached stores and predictions; no model was loaded.", "",
         "## Best layer per backbone (per image, all pairs)", "", by_alpha.round(3).reset_index().to_markdown(index=False), "",
+        f"## PCK@{HEADLINE_ALPHA:g} by backbone x transform (per image, best layer and timestep)", "",
+        by_transform.round(3).reset_index().to_markdown(index=False, missingval="-"), "",
         f"## PCK@{HEADLINE_ALPHA:g} by backbone, layer and timestep", "", wide.round(3).reset_index().to_markdown(index=False), "",
+        "## Published figures (SPair-71k test) beside the measured ones", "",
+        "The measured column is only comparable when this report comes from the real study (real checkpoints "
+        "on SPair-71k); on the demo, the models are tiny and random.", "",
+        published_table(table, stores).to_markdown(index=False), "",
         "## PCK vs layer and vs timestep", "", "![PCK vs layer](pck_vs_layer.png)", "",
         "![PCK vs timestep](pck_vs_timestep.png)", "",
         "## Similarity heatmaps (best layer per backbone)", "",

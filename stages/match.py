@@ -13,7 +13,7 @@ def main(name: str) -> None:
     params = load_params()
     pairs = pd.read_parquet(params.data.pairs)
     predictions = match_store(params.store_path(name), pairs, protocol=params.match.protocol, top_k=params.match.top_k,
-                              transform_specs=params.match.transforms)
+                              transform_specs=params.match.transforms_for(name))
     out = Path(params.match.predictions) / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(out, index=False)

@@ -1,0 +1,31 @@
+"""Both parameter profiles are complete and consistent: every name they refer to exists."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+
+
+@pytest.mark.parametrize("path", [REPO / "params.yaml", REPO / "profiles" / "spair71k.yaml"])
+def test_profile_is_consistent(path):
+    params = load_params(path)
+    assert params.backbones
+    model_dirs = {f"models/{name}" for name in params.models}
+    for name, encoder in params.encoders.items():
+        assert encoder.kind == "pixels" or encoder.model in model_dirs, name
+    for name, backbone in params.backbones.items():
+        assert backbone.latents in params.encoders, name
+        assert backbone.model in model_dirs, name
+        pixels = params.encoders[backbone.latents].kind == "pixels"
+        assert pixels == (backbone.kind in ("dinov2", "clip")), name
+    assert set(params.match.transforms) <= set(params.backbones)
+
+
+def test_unknown_parameter_is_named(tmp_path):
+    path = Path(tmp_path / "p.yaml")
+    path.write_text("backbones:\n  x: {kind: sd2, model: m, latents: l, layer: [up_blocks.1]}\n")
+    with pytest.raises(PipelineError, match=r"backbones.x: layer: unknown parameter"):
+        load_params(path)
