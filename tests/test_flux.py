@@ -192,3 +192,19 @@ def test_store_opens_in_xarray_with_labelled_dims(world):
     assert np.isfinite(layer["features"].values).all()
     assert tree["images"]["done"].values.all()
     assert tree.attrs["backbone"] == "flux" and tree.attrs["fingerprint"]
+
+
+@pytest.mark.parametrize("protocol", ["dift", "fast"])
+def test_flux_store_matches_with_both_protocols(world, protocol):
+    from pipeline.match import match_store
+    from pipeline.metrics import pck_table
+
+    pairs = load_split(world["root"], "test").pairs
+    keys = set(world["images"]["image"])
+    usable = pairs[pairs["src_image"].isin(keys) & pairs["trg_image"].isin(keys)]
+    identity = usable[usable["src_image"] == usable["trg_image"]]
+    assert len(identity) >= 1 and len(usable) > len(identity)
+    predictions = match_store(world["store"], usable, protocol=protocol, transform_specs=["raw", "drop:auto+adaln"])
+    assert set(predictions["transform"]) == {"raw", "drop:auto+adaln"}
+    table = pck_table(predictions[predictions["src_image"] == predictions["trg_image"]])
+    assert (table[(table["alpha"] == 0.1) & (table["category"] == "all")]["pck"] == 1.0).all()
