@@ -208,6 +208,34 @@ def inspect(path, layer, timestep, top):
 
 
 @cli.command()
+@click.option("--store", "path", type=click.Path(path_type=Path), required=True, help="Features store.")
+@click.option("--src", type=click.Path(path_type=Path), required=True,
+              help="Source image, JPEGImages/<category>/<name>.jpg.")
+@click.option("--trg", type=click.Path(path_type=Path), required=True, help="Target image, same layout.")
+@click.option("--edit", type=click.Path(path_type=Path), required=True,
+              help="RGBA sticker in source image coordinates (alpha = the edit's mask).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Composite image.")
+@click.option("--layer", default=None, help="Layer; default the store's first.")
+@click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
+@click.option("--max-points", type=int, default=400, show_default=True, help="Edit pixels matched.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Point sampling seed.")
+def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
+    """Carry an edit (RGBA sticker) from a source image onto a target, from cached features."""
+    from pipeline import propagate as edit_propagation
+    from pipeline.match import StoreMaps
+
+    maps = StoreMaps(path)
+    keys = edit_propagation.image_key_for(maps, src), edit_propagation.image_key_for(maps, trg)
+    composite, _, info_ = edit_propagation.propagate(
+        maps, layer or maps.layers[0], maps.timesteps[0] if timestep is None else timestep, *keys,
+        edit_propagation.load_image(src), edit_propagation.load_image(trg), edit_propagation.load_rgba(edit),
+        max_points, seed)
+    edit_propagation.save_image(out, composite)
+    click.echo(f"{info_['method']}: {info_['inliers']}/{info_['matches']} inliers, edit centre "
+               f"({info_['centre'][0]:.1f}, {info_['centre'][1]:.1f}) -> {out}")
+
+
+@cli.command()
 @click.option("--store", "path", type=click.Path(path_type=Path), required=True)
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""
