@@ -225,7 +225,7 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, curves: tuple[pd.Data
         "Everything here is computed from cached stores and predictions; no model was loaded.", "",
         "## Best layer per backbone (per image, all pairs)", "", by_alpha.round(3).reset_index().to_markdown(index=False), "",
         f"## PCK@{HEADLINE_ALPHA:g} by backbone x transform (per image, best layer and timestep)", "",
-        by_transform.round(3).reset_index().to_markdown(index=False, missingval="-"), "",
+        by_transform.round(3).astype(object).where(by_transform.notna(), "-").reset_index().to_markdown(index=False), "",
         f"## PCK@{HEADLINE_ALPHA:g} by backbone, layer and timestep", "", wide.round(3).reset_index().to_markdown(index=False), "",
         "## Published figures (SPair-71k test) beside the measured ones", "",
         "The measured column is only comparable when this report comes from the real study (real checkpoints "
