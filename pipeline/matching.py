@@ -84,11 +84,16 @@ class FeatureMap:
     def upsample(self, cell_maps: np.ndarray, ys=slice(None), xs=slice(None)) -> np.ndarray:
         """(K, h, w) per-cell values -> (K, H, W) bilinearly upsampled, as separable products
         (or only the pixel rows `ys` and columns `xs`)."""
+        rows, cols = self.interpolation_matrices()
+        return rows[ys] @ cell_maps @ cols[:, xs]
+
+    def interpolation_matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(H, h) and (w, W) float32 matrices: upsampled = rows @ cell_map @ cols. Built once."""
         if self._row_matrix is None:
             h, w, _ = self.features.shape
             self._row_matrix = self.rows.matrix(h).astype(np.float32)
             self._col_matrix = self.cols.matrix(w).astype(np.float32).T.copy()
-        return self._row_matrix[ys] @ cell_maps @ self._col_matrix[:, xs]
+        return self._row_matrix, self._col_matrix
 
     def norm2(self) -> np.ndarray:
         """Squared norm of every upsampled vector, (H, W), from neighbour dot products of the cells."""
@@ -204,7 +209,7 @@ def match_fast(source: FeatureMap, index: TargetIndex, points: np.ndarray, top_k
     h, w = index.shape
     rows, cols = target.rows, target.cols
     norms = np.sqrt(np.maximum(target.norm2(), 1e-24))
-    target.upsample(np.zeros((1, h, w), np.float32), slice(0, 0), slice(0, 0))  # builds the matrices once
+    row_matrix, col_matrix = target.interpolation_matrices()
     best = np.zeros((len(points), 2), dtype=np.int64)
     for k, query in enumerate(queries):
         found = cells[k][cells[k] >= 0]
@@ -215,7 +220,7 @@ def match_fast(source: FeatureMap, index: TargetIndex, points: np.ndarray, top_k
         cell_rows = np.unique(np.r_[rows.i0[ys], np.minimum(rows.i0[ys] + 1, h - 1)])
         cell_cols = np.unique(np.r_[cols.i0[xs], np.minimum(cols.i0[xs] + 1, w - 1)])
         dots = target.features[np.ix_(cell_rows, cell_cols)] @ query.astype(np.float32)
-        window = (target._row_matrix[np.ix_(ys, cell_rows)] @ dots @ target._col_matrix[np.ix_(cell_cols, xs)]
+        window = (row_matrix[np.ix_(ys, cell_rows)] @ dots @ col_matrix[np.ix_(cell_cols, xs)]
                   / norms[np.ix_(ys, xs)])
         y, x = np.unravel_index(window.argmax(), window.shape)
         best[k] = xs[x], ys[y]

@@ -55,10 +55,6 @@ def parse(spec: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def needs_modulation(spec: str) -> bool:
-    return any(step.kind == "adaln" for step in parse(spec))
-
-
 def massive_channels(magnitudes: np.ndarray) -> tuple[int, ...]:
     """Channels whose median |activation| (`magnitudes`, one per channel) is massive (see module doc)."""
     typical = float(np.median(magnitudes))
