@@ -28,6 +28,17 @@ def cli():
     """Cache diffusion features for semantic correspondence; match and score from cache."""
 
 
+def _dask_options(command):
+    """--scheduler / --workers: run on dask.distributed (see README, "Distributed runs")."""
+    command = click.option("--workers", type=int, default=1, show_default=True,
+                           help="Worker processes of a local dask cluster (1: no dask).")(command)
+    return click.option("--scheduler", default=None,
+                        help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786.")(command)
+
+
+_on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                                help="skip: leave bad items out, list them, go on.")
+
 @cli.command()
 @click.option("--root", type=click.Path(path_type=Path), required=True, help="SPair-71k root folder.")
 @click.option("--split", type=click.Choice(["trn", "val", "test"]), default="test", show_default=True)
@@ -59,12 +70,14 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed):
               show_default=True)
 @click.option("--table", "table_path", type=click.Path(path_type=Path), default=Path("metrics/pck.csv"),
               show_default=True)
-def evaluate(predictions, metrics_path, table_path):
+@_dask_options
+def evaluate(predictions, metrics_path, table_path, scheduler, workers):
     """PCK of one or more predictions tables (parquet)."""
-    from pipeline import metrics
+    from pipeline import cluster, metrics
 
-    frame = metrics.read_predictions(predictions)
-    table = metrics.write_metrics(frame, metrics_path, table_path)
+    with cluster.connect(scheduler, workers) as client:
+        table = metrics.score_files(predictions, client)
+    metrics.write_metrics(table, metrics_path, table_path)
     click.echo(metrics.format_headline(table))
 
 
@@ -77,8 +90,9 @@ _params_option = click.option("--params", "params_file", type=click.Path(path_ty
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Latents store; default <store>/latents/<encoder>.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@_on_error_option
 @_params_option
-def encode(encoder, out, overwrite, params_file):
+def encode(encoder, out, overwrite, on_error, params_file):
     """Every image of the prepared split through one VAE (posterior mean and std)."""
     import pandas as pd
 
@@ -89,7 +103,7 @@ def encode(encoder, out, overwrite, params_file):
     images = pd.read_parquet(params.data.images)
     out = out or params.latents_path(encoder)
     run_encode(params.encoder(encoder), images, params.data.root, out, overwrite,
-               {"root": params.data.root, "split": params.data.split})
+               {"root": params.data.root, "split": params.data.split}, on_error)
     click.echo(f"latents -> {out}")
 
 
@@ -98,16 +112,20 @@ def encode(encoder, out, overwrite, params_file):
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Features store; default <store>/<backbone>.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@_dask_options
+@_on_error_option
 @_params_option
-def extract(backbone, out, overwrite, params_file):
+def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
+    from pipeline import cluster
     from pipeline.config import load_params
     from pipeline.extract import extract as run_extract
 
     params = load_params(params_file)
     spec = params.backbone(backbone)
     out = out or params.store_path(backbone)
-    run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite)
+    with cluster.connect(scheduler, workers) as client:
+        run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite, client, on_error)
     click.echo(f"features -> {out}")
 
 
@@ -126,13 +144,16 @@ def extract(backbone, out, overwrite, params_file):
 @click.option("--weights", default=None, help="Fusion: one weight per store, e.g. 0.5,0.5.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Predictions table; default predictions/<store name>.parquet.")
+@_dask_options
+@_on_error_option
 @_params_option
-def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, weights, out, params_file):
+def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, weights, out, scheduler, workers, on_error,
+          params_file):
     """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
     import pandas as pd
 
-    from pipeline import metrics
-    from pipeline.match import match_store
+    from pipeline import cluster, metrics
+    from pipeline.match import match_to_file
 
     if pairs is None:
         from pipeline.config import load_params
@@ -148,12 +169,13 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
         split_weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(paths)
         source = FusedMaps(list(paths), list(layers), chosen_timesteps, split_weights)
         name, layers, timesteps = "fused-" + "-".join(p.stem for p in paths), None, None
-    predictions = match_store(source, table, layers, timesteps, protocol, top_k, transform_specs or ("raw",))
     out = out or Path("predictions") / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_parquet(out, index=False)
-    click.echo(metrics.format_headline(metrics.pck_table(predictions)))
-    click.echo(f"{len(predictions)} predictions -> {out}")
+    with cluster.connect(scheduler, workers) as client:
+        match_to_file(source, table, out, layers, timesteps, protocol, top_k, transform_specs or ("raw",), client,
+                      on_error)
+        click.echo(metrics.format_headline(metrics.score_files([out], client)))
+    click.echo(f"predictions -> {out}")
 
 
 @cli.command()

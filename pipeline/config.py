@@ -13,6 +13,7 @@ import yaml
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+ON_ERROR = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,14 @@ class MatchParams:
 
 
 @dataclass(frozen=True)
+class DaskParams:
+    """Where stages run: in this process (the default), a LocalCluster, or a running scheduler."""
+
+    scheduler: str | None = None  # address of a running dask scheduler, e.g. tcp://10.0.0.5:8786
+    workers: int = 1  # > 1 without a scheduler: a LocalCluster of that many worker processes
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
@@ -89,6 +98,8 @@ class Params:
     encoders: dict[str, EncoderParams] = field(default_factory=dict)
     backbones: dict[str, BackboneParams] = field(default_factory=dict)
     match: MatchParams = MatchParams()
+    dask: DaskParams = DaskParams()
+    on_error: str = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
 
     def latents_path(self, encoder: str) -> Path:
@@ -139,7 +150,15 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         data=_section(DataParams, raw.get("data"), f"{path}: data"),
         demo=_section(DemoParams, raw.get("demo"), f"{path}: demo"),
         match=_section(MatchParams, raw.get("match"), f"{path}: match"),
+        dask=_section(DaskParams, raw.get("dask"), f"{path}: dask"),
+        on_error=check_policy(raw.get("on_error", "fail"), path),
         **{key: {name: _section(cls, values, f"{path}: {key}.{name}") for name, values in (raw.get(key) or {}).items()}
            for key, cls in named.items()},
         store=raw.get("store", "store"),
     )
+
+
+def check_policy(value, where: str | Path = PARAMS_FILE) -> str:
+    if value not in ON_ERROR:
+        raise PipelineError(where, "on_error", f"expected one of {list(ON_ERROR)}, got {value!r}")
+    return value

@@ -19,8 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import hub, store
-from pipeline.config import EncoderParams
-from pipeline.errors import PipelineError
+from pipeline.config import EncoderParams, check_policy
+from pipeline.errors import PipelineError, report_skipped
 
 CANVAS_MODES = ("squash", "pad")
 
@@ -68,9 +68,11 @@ def peak_memory(device: torch.device) -> int:
 
 
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
-           overwrite: bool = False, dataset: dict | None = None) -> Path:
+           overwrite: bool = False, dataset: dict | None = None, on_error: str = "fail") -> Path:
     """Write the latents store `out`: posterior mean and std per image (for `kind: pixels`, the canvas
-    itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run."""
+    itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run.
+    `on_error: skip` records an unreadable image's reason in the store and goes on."""
+    check_policy(on_error)
     if params.kind not in ("vae", "pixels"):
         raise PipelineError("params.yaml", "kind", f"unknown encoder kind {params.kind!r}; expected vae or pixels")
     if params.canvas % 16:
@@ -89,37 +91,51 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
                     "images": store.fingerprint(table.to_dict("list"))}
     determinants.pop("device")
-    root = store.open_store(out, {
-        "kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
-        "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
-        **factors, "determinants": determinants,
-    }, table, None, overwrite)
-    done = store.done_mask(root)
-    todo = np.flatnonzero(~done)
-    paths = images.set_index("image")["path"]
-    with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:
-        for index in todo:
-            start = time.perf_counter()
-            key = table["image"].iloc[index]
-            pixels = load_canvas(Path(dataset_root) / paths[key], params.canvas, params.canvas_mode)
-            if vae is None:
-                mean = pixels.permute(1, 2, 0).numpy()
-                std = np.zeros_like(mean)
-            else:
-                with torch.no_grad():
-                    posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
-                mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
-                std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
-            h, w, c = mean.shape
-            stride = params.canvas / h
-            node = store.ensure_layer(
-                root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
-                {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-                {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
-                 "VAE posterior on the canvas, before any scaling"}, dtype="float32",
-            )
-            node["mean"][index], node["std"][index] = mean, std
-            store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
-            bar.update()
-    store.finish(root)
+    attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
+             "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
+             **factors, "determinants": determinants}
+    skipped = []
+    with store.writer_lock(out):
+        root = store.open_store(out, attrs, table, None, overwrite)
+        done = store.done_mask(root)
+        paths = images.set_index("image")["path"]
+        with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:
+            for index in np.flatnonzero(~done):
+                key = table["image"].iloc[index]
+                try:
+                    _encode_image(root, index, key, vae, Path(dataset_root) / paths[key], params, device, dtype, out)
+                except PipelineError as exc:
+                    if on_error != "skip" or exc.field == "disk":
+                        raise
+                    store.mark_skipped(root, index, str(exc))
+                    skipped.append((key, str(exc)))
+                bar.update()
+        store.finish(root)
+    report_skipped(out, skipped)
     return Path(out)
+
+
+def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderParams, device, dtype, out) -> None:
+    start = time.perf_counter()
+    pixels = load_canvas(path, params.canvas, params.canvas_mode)
+    if vae is None:
+        mean = pixels.permute(1, 2, 0).numpy()
+        std = np.zeros_like(mean)
+    else:
+        with torch.no_grad():
+            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+        mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
+        std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise PipelineError(path, None, "the VAE gave non-finite latents for this image")
+    h, w, c = mean.shape
+    stride = params.canvas / h
+    with store.writing(out, key):
+        node = store.ensure_layer(
+            root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
+            {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
+            {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
+             "VAE posterior on the canvas, before any scaling"}, dtype="float32",
+        )
+        node["mean"][index], node["std"][index] = mean, std
+        store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))

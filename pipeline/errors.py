@@ -6,6 +6,7 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -17,3 +18,16 @@ class PipelineError(Exception):
         self.field = field
         self.reason = reason
         super().__init__(": ".join(p for p in (self.where, self.field, reason) if p))
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args); ours takes three arguments, and dask ships errors
+        # from workers back to the driver by pickling them.
+        return PipelineError, (self.where, self.field, self.reason)
+
+
+def report_skipped(where: str | Path, skipped: list[tuple[str, str]]) -> None:
+    """List what `on_error: skip` left out, one line each, in the stage's output."""
+    if skipped:
+        print(f"{where}: skipped {len(skipped)} item(s) (on_error: skip):", file=sys.stderr)
+        for _, message in skipped:
+            print(f"  skipped: {message}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,11 +20,11 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline import hub, store
+from pipeline import cluster, hub, store
 from pipeline.backbones import make_backbone
-from pipeline.config import BackboneParams
+from pipeline.config import BackboneParams, check_policy
 from pipeline.encode import peak_memory
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, report_skipped
 
 
 def generator(seed: int, image: str, timestep: int) -> torch.Generator:
@@ -39,7 +40,8 @@ def open_latents(path: str | Path) -> zarr.Group:
         raise PipelineError(path, None, "latents store is missing or unreadable; run the encode stage first") from None
     if latents.attrs.get("kind") != "latents":
         raise PipelineError(path, "kind", "not a latents store")
-    pending = int((~store.done_mask(latents)).sum())
+    table = store.read_images(latents)
+    pending = int((~table["done"] & (table["error"] == "")).sum())
     if pending:
         raise PipelineError(path, "images/done", f"{pending} images not encoded yet; finish the encode stage first")
     return latents
@@ -54,19 +56,42 @@ def _check(params: BackboneParams) -> None:
         raise PipelineError("params.yaml", "timesteps", f"expected values in 0..1000, got {params.timesteps}")
 
 
+_backbones: dict[str, object] = {}
+
+
+def _backbone(params: BackboneParams, latents_attrs: dict):
+    """The loaded backbone, once per process: a dask worker keeps its model between shards."""
+    key = json.dumps([asdict(params), latents_attrs["fingerprint"]], sort_keys=True)
+    if key not in _backbones:
+        _backbones.clear()  # one model per process at a time
+        device = hub.resolve_device(cluster.worker_device(params.device))
+        backbone = make_backbone(params, latents_attrs, device, hub.resolve_dtype(params.dtype, device))
+        backbone.check_layers(params.layers)
+        _backbones[key] = backbone
+    return _backbones[key]
+
+
+def _backbone_loads(params: BackboneParams, latents_attrs: dict) -> bool:
+    _backbone(params, latents_attrs)
+    return True
+
+
 def extract(params: BackboneParams, name: str, latents_path: str | Path, out: str | Path,
-            overwrite: bool = False, limit: int | None = None) -> Path:
+            overwrite: bool = False, client=None, on_error: str = "fail") -> Path:
     """Fill the features store `out`; resumes where an interrupted run stopped.
 
-    `limit` stops after that many newly finished images (for tests and benchmarks).
+    With a dask `client` (pipeline.cluster.connect), images are sharded across its workers, each
+    writing its own images' chunks of the same store. `on_error: skip` records a failing image's
+    reason in the store and goes on; `fail` stops at the first.
     """
     _check(params)
+    check_policy(on_error)
     latents = open_latents(latents_path)
     latents_attrs = dict(latents.attrs)
-    device = hub.resolve_device(params.device)
-    dtype = hub.resolve_dtype(params.dtype, device)
-    backbone = make_backbone(params, latents_attrs, device, dtype)
-    backbone.check_layers(params.layers)
+    if client is None:
+        _backbone(params, latents_attrs)  # refuse unknown layers before touching the store
+    else:
+        client.submit(_backbone_loads, params, latents_attrs, pure=False).result()
 
     images = store.read_images(latents)
     determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
@@ -77,56 +102,115 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         "preprocessing": {"canvas": latents_attrs["canvas"], "canvas_mode": latents_attrs["canvas_mode"],
                           "latents_store": str(latents_path)},
         "prompt": params.prompt, "ensemble": params.ensemble, "seed": params.seed, "latent": params.latent,
-        "noise": params.noise, "dtype": params.dtype, "device": str(device), "dataset": latents_attrs["dataset"],
+        "noise": params.noise, "dtype": params.dtype, "device": params.device, "dataset": latents_attrs["dataset"],
         "layers": params.layers, "timesteps": params.timesteps, "determinants": determinants,
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")},
     }
-    root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, overwrite)
+    with store.writer_lock(out):
+        root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, overwrite)
+        pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
+        job = (params, str(latents_path), str(out), on_error)
+        skipped = []
+        with tqdm(total=len(images), initial=len(images) - len(pending), unit="img", desc=f"extract {name}") as bar:
+            if client is None:
+                skipped = _extract_images(*job, pending, progress=bar.update)
+            else:
+                skipped = _extract_distributed(client, job, root, pending, bar)
+        store.finish(root)
+    report_skipped(out, skipped)
+    return Path(out)
 
+
+def _extract_distributed(client, job, root, pending: list[int], bar) -> list[tuple[str, str]]:
+    from distributed import as_completed
+
+    skipped = []
+    # The first finished image lays out every layer's arrays; then workers only write chunks.
+    while pending and not all(layer in root for layer in job[0].layers):
+        skipped += client.submit(_extract_images, *job, pending[:1], pure=False).result()
+        pending = pending[1:]
+        bar.update()
+    futures = {client.submit(_extract_images, *job, shard, pure=False): len(shard)
+               for shard in cluster.shards(pending, cluster.workers_of(client), per_worker=8)}
+    try:
+        for future in as_completed(futures):
+            skipped += future.result()
+            bar.update(futures[future])
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    return skipped
+
+
+def _extract_images(params: BackboneParams, latents_path: str, out: str, on_error: str, indices: list[int],
+                    progress=None) -> list[tuple[str, str]]:
+    """Extract images `indices` into the open store `out`; the (image, reason) pairs skipped."""
+    latents = zarr.open_group(latents_path, mode="r")
+    latents_attrs = dict(latents.attrs)
+    backbone = _backbone(params, latents_attrs)
+    root = zarr.open_group(out, mode="r+", use_consolidated=False)
+    images = store.read_images(latents)
     mean_array, std_array = latents["posterior/mean"], latents["posterior/std"]
-    canvas = latents_attrs["canvas"]
-    done = store.done_mask(root)
-    finished = 0
-    with tqdm(total=len(images), initial=int(done.sum()), unit="img", desc=f"extract {name}") as bar:
-        for index in np.flatnonzero(~done):
-            if limit is not None and finished >= limit:
-                break
-            start = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            image, category = images["image"].iloc[index], images["category"].iloc[index]
+    skipped = []
+    for index in indices:
+        image, category = images["image"].iloc[index], images["category"].iloc[index]
+        start = time.perf_counter()
+        if backbone.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(backbone.device)
+        try:
+            if not images["done"].iloc[index]:
+                raise PipelineError(latents_path, image, f"not encoded ({images['error'].iloc[index] or 'pending'})")
             mean = torch.from_numpy(mean_array[index]).permute(2, 0, 1)
             std = torch.from_numpy(std_array[index]).permute(2, 0, 1)
-            maps: dict[tuple[str, str], list[np.ndarray]] = {}
-            for t in params.timesteps:
-                draws = generator(params.seed, image, t)
-                shape = (params.ensemble, *mean.shape)
-                posterior_eps = torch.randn(shape, generator=draws)
-                noise_eps = torch.randn(shape, generator=draws)
-                z = mean + std * posterior_eps if params.latent == "sample" else mean.expand(shape)
-                x0 = backbone.model_latent(z)
-                x = backbone.noised(x0, noise_eps, t) if params.noise else x0
-                outputs = backbone.run(x.to(device, dtype), t, category)
-                for layer, arrays in outputs.items():
-                    for array, value in arrays.items():
-                        maps.setdefault((layer, array), []).append(value.float().mean(0).cpu().numpy())
-            for layer in params.layers:
-                features = np.stack(maps[(layer, "features")])  # (timestep, y, x, channel)
-                _, h, w, c = features.shape
-                stride = canvas / h
-                arrays = {"features": (("timestep", "y", "x", "channel"), features.shape)}
-                if (layer, "shift") in maps:
-                    arrays |= {"shift": (("timestep", "channel"), (len(params.timesteps), c)),
-                               "scale": (("timestep", "channel"), (len(params.timesteps), c))}
-                node = store.ensure_layer(
-                    root, layer, arrays,
-                    {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-                    {**backbone.layer_attrs(layer), "stride": stride},
-                )
-                for array in arrays:
-                    node[array][index] = np.stack(maps[(layer, array)]).astype(np.float16)
-            store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
-            finished += 1
-            bar.update()
-    store.finish(root)
-    return Path(out)
+            maps = _image_maps(params, backbone, image, category, mean, std, out)
+            with store.writing(out, image):
+                _write(root, params, backbone, index, maps, latents_attrs["canvas"])
+                store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
+        except PipelineError as exc:
+            if on_error != "skip" or exc.field == "disk":
+                raise
+            store.mark_skipped(root, index, str(exc))
+            skipped.append((image, str(exc)))
+        if progress:
+            progress()
+    return skipped
+
+
+def _image_maps(params, backbone, image: str, category: str, mean, std, out) -> dict:
+    """Every requested array of one image, per timestep, averaged over the ensemble, as float16."""
+    maps: dict[tuple[str, str], list[np.ndarray]] = {}
+    for t in params.timesteps:
+        draws = generator(params.seed, image, t)
+        shape = (params.ensemble, *mean.shape)
+        posterior_eps = torch.randn(shape, generator=draws)
+        noise_eps = torch.randn(shape, generator=draws)
+        z = mean + std * posterior_eps if params.latent == "sample" else mean.expand(shape)
+        x0 = backbone.model_latent(z)
+        x = backbone.noised(x0, noise_eps, t) if params.noise else x0
+        outputs = backbone.run(x.to(backbone.device, backbone.dtype), t, category)
+        for layer, arrays in outputs.items():
+            for array, value in arrays.items():
+                stored = value.float().mean(0).cpu().numpy().astype(np.float16)
+                if not np.isfinite(stored).all():
+                    raise PipelineError(out, f"{layer}/{array}", f"non-finite values for image {image!r} at t={t} "
+                                        "(beyond float16's range, or NaN from the model)")
+                maps.setdefault((layer, array), []).append(stored)
+    return {key: np.stack(values) for key, values in maps.items()}
+
+
+def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canvas: int) -> None:
+    for layer in params.layers:
+        features = maps[(layer, "features")]  # (timestep, y, x, channel)
+        _, h, w, c = features.shape
+        stride = canvas / h
+        arrays = {"features": (("timestep", "y", "x", "channel"), features.shape)}
+        if (layer, "shift") in maps:
+            arrays |= {"shift": (("timestep", "channel"), (len(params.timesteps), c)),
+                       "scale": (("timestep", "channel"), (len(params.timesteps), c))}
+        node = store.ensure_layer(
+            root, layer, arrays,
+            {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
+            {**backbone.layer_attrs(layer), "stride": stride},
+        )
+        for array in arrays:
+            node[array][index] = maps[(layer, array)]

@@ -24,6 +24,7 @@ class FusedMaps:
     def __init__(self, paths: list[str | Path], layers: list[str], timesteps: list[int], weights: list[float]):
         if not (len(paths) == len(layers) == len(timesteps) == len(weights)) or len(paths) < 2:
             raise PipelineError(None, "fusion", "give at least two stores, and one layer, timestep and weight per store")
+        self.arguments = (list(paths), list(layers), list(timesteps), list(weights))
         self.parts = [StoreMaps(path) for path in paths]
         for maps, layer, timestep in zip(self.parts, layers, timesteps):
             if layer not in maps.layers:
@@ -36,7 +37,11 @@ class FusedMaps:
         self.timesteps = [timesteps[0]] if len(set(timesteps)) == 1 else [-1]
         self.images = self.parts[0].images
         self.path = self.parts[0].path
+        self.fingerprint = "+".join(maps.fingerprint for maps in self.parts)
         self.load = lru_cache(maxsize=8)(self._load)
+
+    def __reduce__(self):
+        return FusedMaps, self.arguments
 
     def check_images(self, keys) -> None:
         keys = list(keys)

@@ -7,16 +7,20 @@ few maps whatever the dataset size.
 
 from __future__ import annotations
 
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import store, transforms
-from pipeline.errors import PipelineError
+from pipeline import cluster, store, transforms
+from pipeline.config import check_policy
+from pipeline.errors import PipelineError, report_skipped
 from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
 from pipeline.metrics import bbox_threshold
 
@@ -45,13 +49,20 @@ class StoreMaps:
         self.timesteps = [int(t) for t in self.root["timestep"][:]]
         self.layers = store.layers(self.root)
         self.name = self.root.attrs.get("name", self.path.stem)
+        self.fingerprint = self.root.attrs["fingerprint"]
         self.load = lru_cache(maxsize=8)(self._load)
         self.massive = lru_cache(maxsize=None)(self._massive)
+
+    def __reduce__(self):
+        # Shipped to dask workers as its path: each worker opens the store itself.
+        return StoreMaps, (self.path,)
 
     def check_images(self, keys) -> None:
         for key in keys:
             if key not in self.position:
                 raise PipelineError(self.path, "image", f"store has no image {key!r} (built for another split?)")
+            if self.images.at[key, "error"]:
+                raise PipelineError(self.path, "images/error", f"image {key!r} was skipped: {self.images.at[key, 'error']}")
             if not self.images.at[key, "done"]:
                 raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
 
@@ -90,42 +101,162 @@ class StoreMaps:
                           float(row["valid_y1"]), float(node.attrs["stride"]))
 
 
-def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
-                top_k: int = 10, transform_specs=("raw",)) -> pd.DataFrame:
-    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer, timestep and
-    feature transform (see pipeline.transforms). `path` is a store, or maps already opened
-    (StoreMaps, or pipeline.fusion.FusedMaps)."""
+@dataclass(frozen=True)
+class Plan:
+    """What one match run computes: the variants, and the pairs grouped by target image."""
+
+    layers: list
+    timesteps: list
+    protocol: str
+    top_k: int
+    transform_specs: list
+    targets: list  # target image keys, sorted: the order of the predictions table
+    skipped: list  # (pair, message) left out under on_error: skip
+
+
+def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift", top_k: int = 10,
+         transform_specs=("raw",), on_error: str = "fail") -> tuple[Plan, pd.DataFrame]:
+    """Check the request against the store before any work; the plan and the pairs to match."""
+    check_policy(on_error)
     if protocol not in PROTOCOLS:
         raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    maps = path if hasattr(path, "load") else StoreMaps(path)
-    layers = _selection(layers, maps.layers, "layer", path)
-    timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", path)
-    maps.check_images(pd.unique(pd.concat([pairs["src_image"], pairs["trg_image"]])))
+    layers = _selection(layers, maps.layers, "layer", maps.path)
+    timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
     transform_specs = list(transform_specs or ["raw"])
     for spec in transform_specs:
         transforms.parse(spec)  # refuse a bad spec before any work
+    skipped, keep = [], []
+    for pair in pairs.itertuples(index=False):
+        try:
+            maps.check_images([pair.src_image, pair.trg_image])
+            keep.append(True)
+        except PipelineError as exc:
+            if on_error != "skip":
+                raise
+            skipped.append((pair.filename, f"{pair.filename}: {exc}"))
+            keep.append(False)
+    pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
+    targets = sorted(pd.unique(pairs["trg_image"]))
+    return Plan(layers, timesteps, protocol, top_k, transform_specs, targets, skipped), pairs
 
+
+def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
+                top_k: int = 10, transform_specs=("raw",), client=None, on_error: str = "fail") -> pd.DataFrame:
+    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer, timestep and
+    feature transform (see pipeline.transforms), in memory. `path` is a store, or maps already opened
+    (StoreMaps, or pipeline.fusion.FusedMaps). For a resumable run into a file, see `match_to_file`."""
+    maps = path if hasattr(path, "load") else StoreMaps(path)
+    request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
+    frames = dict(_run(maps, request, pairs, request.targets, client))
+    report_skipped(maps.path, request.skipped)
+    return pd.concat([frames[t] for t in request.targets], ignore_index=True)
+
+
+def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, timesteps=None, protocol: str = "dift",
+                  top_k: int = 10, transform_specs=("raw",), client=None, on_error: str = "fail") -> Path:
+    """Like `match_store`, into the parquet table `out`, and resumable: each target image's rows are
+    saved to `<out>.parts/` as soon as they exist (written to a temporary name, then renamed), so a
+    killed run loses at most the targets in flight and a re-run computes only the missing ones.
+    The table is assembled from the parts in target order (one row group per target), then
+    renamed into place: `out` is complete or absent, never half-written, never duplicated."""
+    maps = path if hasattr(path, "load") else StoreMaps(path)
+    request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
+    out = Path(out)
+    parts = _parts_folder(out, maps, request, pairs)
+    todo = [t for t in request.targets if not _part(parts, request, t).exists()]
+    for target, frame in _run(maps, request, pairs, todo, client, initial=len(request.targets) - len(todo)):
+        _atomic_parquet(frame, _part(parts, request, target))
+    writer, staging = None, out.with_name(f".{out.name}.partial")
+    try:
+        for target in request.targets:
+            table = pq.read_table(_part(parts, request, target))
+            writer = writer or pq.ParquetWriter(staging, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise PipelineError(out, None, "no pair left to match")
+    os.replace(staging, out)
+    shutil.rmtree(parts)
+    report_skipped(maps.path, request.skipped)
+    return out
+
+
+def _parts_folder(out: Path, maps, request: Plan, pairs: pd.DataFrame) -> Path:
+    """`<out>.parts/`, emptied first if it holds parts of a run with other inputs."""
+    parts = out.with_name(f"{out.name}.parts")
+    key = store.fingerprint({"store": maps.fingerprint, "request": asdict(request) | {"skipped": None},
+                             "pairs": pd.util.hash_pandas_object(pairs[["filename", "src_image", "trg_image"]],
+                                                                 index=False).tolist()})
+    stamp = parts / "key"
+    if parts.exists() and (not stamp.exists() or stamp.read_text() != key):
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    return parts
+
+
+def _part(parts: Path, request: Plan, target: str) -> Path:
+    return parts / f"{request.targets.index(target):06d}.parquet"
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    frame.to_parquet(staging, index=False)
+    os.replace(staging, path)
+
+
+def _run(maps, request: Plan, pairs: pd.DataFrame, targets: list, client=None, initial: int = 0):
+    """Yield (target image, its predictions) for `targets`: in this process, or in batches of
+    target images on dask workers (each batch's pairs travel with it; its maps are read there)."""
+    groups = dict(tuple(pairs.groupby("trg_image", sort=True)))
+    total = len(request.targets)
+    with tqdm(total=total, initial=initial, unit="target", desc=f"match {maps.name} ({request.protocol})") as bar:
+        if client is None:
+            for target in targets:
+                yield target, _match_target(maps, request, groups[target])
+                bar.update()
+            return
+        from distributed import as_completed
+
+        batches = cluster.shards(targets, cluster.workers_of(client))
+        remote_maps = client.scatter(maps, broadcast=True)
+        futures = [client.submit(_match_batch, remote_maps, request, [groups[t] for t in batch], pure=False)
+                   for batch in batches]
+        try:
+            for future in as_completed(futures):
+                for target, frame in future.result():
+                    yield target, frame
+                    bar.update()
+        except BaseException:
+            client.cancel(futures)
+            raise
+
+
+def _match_batch(maps, request: Plan, groups: list[pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
+    return [(group["trg_image"].iloc[0], _match_target(maps, request, group)) for group in groups]
+
+
+def _match_target(maps, request: Plan, group: pd.DataFrame) -> pd.DataFrame:
+    """Every pair sharing one target image: its map, FAISS index and norms are built once."""
+    target_image = group["trg_image"].iloc[0]
     frames = []
-    total = len(pairs) * len(layers) * len(timesteps) * len(transform_specs)
-    with tqdm(total=total, unit="pair", desc=f"match {maps.name} ({protocol})") as bar:
-        for target_image, group in pairs.groupby("trg_image", sort=True):
-            for layer in layers:
-                for timestep in timesteps:
-                    for spec in transform_specs:
-                        target = maps.load(target_image, layer, timestep, spec)
-                        index = TargetIndex(target) if protocol == "fast" else None
-                        dropped = maps.dropped(layer, timestep, spec)
-                        variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": protocol,
-                                   "transform": spec, "dropped_channels": dropped}
-                        for pair in group.itertuples(index=False):
-                            source = maps.load(pair.src_image, layer, timestep, spec)
-                            points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
-                            if protocol == "dift":
-                                predicted, stats = match_dift(source, target, points)
-                            else:
-                                predicted, stats = match_fast(source, index, points, top_k)
-                            frames.append(_rows(pair, points, predicted, stats, variant))
-                            bar.update()
+    for layer in request.layers:
+        for timestep in request.timesteps:
+            for spec in request.transform_specs:
+                target = maps.load(target_image, layer, timestep, spec)
+                index = TargetIndex(target) if request.protocol == "fast" else None
+                variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": request.protocol,
+                           "transform": spec, "dropped_channels": maps.dropped(layer, timestep, spec)}
+                for pair in group.itertuples(index=False):
+                    source = maps.load(pair.src_image, layer, timestep, spec)
+                    points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
+                    if request.protocol == "dift":
+                        predicted, stats = match_dift(source, target, points)
+                    else:
+                        predicted, stats = match_fast(source, index, points, request.top_k)
+                    frames.append(_rows(pair, points, predicted, stats, variant))
     return pd.concat(frames, ignore_index=True)
 
 

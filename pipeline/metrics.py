@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
 
@@ -40,18 +41,16 @@ def variant_columns(predictions: pd.DataFrame) -> list[str]:
     return [c for c in predictions.columns if c not in PREDICTION_COLUMNS and not c.startswith("sim_")]
 
 
-def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
-    """Tidy PCK: one row per (variant..., category, kind, alpha).
+def pair_scores(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
+    """Per (variant..., category, pair, alpha): keypoints `correct` and keypoints `points`.
 
-    `category` is a category name, "all" (pooled over every pair) or "mean" (mean of categories);
-    `kind` is "per_image" or "per_point".
+    Counts add up over any split of the rows, so shards of a predictions table can be scored
+    separately (on dask workers) and summed: `pck_table` gives the same numbers either way.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in predictions.columns]
     if missing:
         raise PipelineError(None, "predictions", f"missing columns {missing}")
-    if predictions.empty:
-        raise PipelineError(None, "predictions", "no rows")
-    variants = variant_columns(predictions)
+    keys = variant_columns(predictions) + ["category", "pair"]
     distance = np.hypot(
         predictions["pred_x"].to_numpy(float) - predictions["trg_x"].to_numpy(float),
         predictions["pred_y"].to_numpy(float) - predictions["trg_y"].to_numpy(float),
@@ -59,15 +58,37 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
     ratio = distance / predictions["threshold"].to_numpy(float)
     frames = []
     for alpha in alphas:
-        scored = predictions[variants + ["category", "pair"]].copy()
-        scored["correct"] = ratio <= alpha
-        per_pair = scored.groupby(variants + ["category", "pair"], sort=True)["correct"].agg(["mean", "sum", "size"])
-        per_pair = per_pair.reset_index()
+        scored = predictions[keys].copy()
+        scored["correct"] = (ratio <= alpha).astype(np.int64)
+        counts = scored.groupby(keys, sort=True)["correct"].agg(correct="sum", points="size").reset_index()
+        frames.append(counts.assign(alpha=alpha))
+    return pd.concat(frames, ignore_index=True)
+
+
+def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
+    """Tidy PCK: one row per (variant..., category, kind, alpha).
+
+    `category` is a category name, "all" (pooled over every pair) or "mean" (mean of categories);
+    `kind` is "per_image" or "per_point".
+    """
+    if predictions.empty:
+        raise PipelineError(None, "predictions", "no rows")
+    return pck_from_scores(pair_scores(predictions, alphas))
+
+
+def pck_from_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """`pck_table` from `pair_scores` (of one table, or the concatenated scores of its shards)."""
+    variants = [c for c in scores.columns if c not in ("category", "pair", "alpha", "correct", "points")]
+    per_pair = scores.groupby(variants + ["alpha", "category", "pair"], sort=True)[["correct", "points"]].sum()
+    per_pair = per_pair.reset_index()
+    per_pair["mean"] = per_pair["correct"] / per_pair["points"]
+    frames = []
+    for alpha, at_alpha in per_pair.groupby("alpha", sort=False):
         for scope in ("category", "all"):
             keys = variants + (["category"] if scope == "category" else [])
-            grouped = per_pair.groupby(keys, sort=True) if keys else per_pair.groupby(lambda _: 0)
+            grouped = at_alpha.groupby(keys, sort=True) if keys else at_alpha.groupby(lambda _: 0)
             summary = grouped.agg(
-                per_image=("mean", "mean"), correct=("sum", "sum"), points=("size", "sum"), pairs=("pair", "size")
+                per_image=("mean", "mean"), correct=("correct", "sum"), points=("points", "sum"), pairs=("pair", "size")
             ).reset_index()
             if scope == "all":
                 summary = summary.drop(columns="index", errors="ignore")
@@ -87,6 +108,36 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
     )
     order = variants + ["kind", "category", "alpha"]
     return tidy[order + ["pck", "pairs", "points"]].sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def score_files(paths, client=None, row_groups: int = 64) -> pd.DataFrame:
+    """`pck_table` of predictions tables, read a few row groups at a time (so memory holds scores,
+    not predictions); with a dask client the row groups are scored on its workers."""
+    tasks = []
+    for path in paths:
+        try:
+            count = pq.ParquetFile(path).num_row_groups
+        except (OSError, ValueError) as exc:
+            raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
+        tasks += [(str(path), list(range(i, min(i + row_groups, count)))) for i in range(0, count, row_groups)]
+    if client is None:
+        scores = [_score_row_groups(path, groups) for path, groups in tasks]
+    else:
+        scores = client.gather([client.submit(_score_row_groups, path, groups, pure=False) for path, groups in tasks])
+    if not scores or all(s.empty for s in scores):
+        raise PipelineError(None, "predictions", "no rows")
+    return pck_from_scores(pd.concat(scores, ignore_index=True))
+
+
+def _score_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
+    try:
+        frame = pq.ParquetFile(path).read_row_groups(groups).to_pandas()
+    except (OSError, ValueError) as exc:
+        raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
+    try:
+        return pair_scores(frame)
+    except PipelineError as exc:
+        raise PipelineError(path, exc.field, exc.reason) from None
 
 
 def _headline(table: pd.DataFrame) -> pd.DataFrame:
@@ -125,9 +176,9 @@ def best_variants(table: pd.DataFrame) -> dict[str, dict]:
     return best
 
 
-def write_metrics(predictions: pd.DataFrame, json_path: str | Path, csv_path: str | Path,
+def write_metrics(table: pd.DataFrame, json_path: str | Path, csv_path: str | Path,
                   best_dir: str | Path | None = None) -> pd.DataFrame:
-    table = pck_table(predictions)
+    """Write a `pck_table`: the nested headline JSON, the tidy CSV, and the best variant per backbone."""
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(metrics_summary(table), indent=2) + "\n")

@@ -8,13 +8,25 @@ seconds, peak memory); one node per layer named by its module path, holding `fea
 
 Writing discipline: an image's arrays are written first and its `done` flag last, so an interrupted
 run leaves at worst unflagged data that the next run rewrites. Every per-image array is chunked one
-image (and one timestep) per chunk: reading one map is one read, and no two images share a chunk.
+image (and one timestep) per chunk: reading one map is one read, and no two images share a chunk, so
+workers that own disjoint images never write the same file. Zarr's local store writes each chunk to a
+temporary file and renames it into place, so a chunk is never half-written; the temporaries a killed
+run leaves behind are removed when the store is next opened for writing. One writer at a time holds
+`<store>.lock` (an advisory `flock`, released by the kernel even on kill -9); distributed workers
+write under their driver's lock.
+
+An image that fails under `on_error: skip` is not done: its reason is in `images/error`, and the
+next run tries it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -60,6 +72,8 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
                 raise PipelineError(path, None, f"not a readable store ({exc}); pass --overwrite to replace it") from None
             found = {}
         if found.get("fingerprint") == attrs["fingerprint"]:
+            for leftover in path.rglob("*.partial"):  # a killed writer's unfinished chunk
+                leftover.unlink()
             return root
         if not overwrite:
             if "fingerprint" not in found:
@@ -84,7 +98,34 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
     _array(node, "done", count, "bool", ["image"], fill_value=False)
     _array(node, "seconds", count, "float64", ["image"], fill_value=np.nan)
     _array(node, "peak_memory", count, "int64", ["image"], fill_value=0)
+    _array(node, "error", count, str, ["image"], fill_value="")
     return root
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path):
+    """Hold `<store>.lock` while writing `path`; a second writer is refused, not queued."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise PipelineError(path, None, f"another process is writing this store (it holds {lock}); "
+                                                "wait for it to finish or stop it") from None
+            raise
+        # The holder before us may have unlinked the file between our open and our flock.
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None):
@@ -114,15 +155,41 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
     return node
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, image: str):
+    """Turn a full disk into a one-line error; the interrupted image stays unflagged, so a re-run
+    after freeing space redoes just that image."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise PipelineError(path, "disk", f"no space left on device while writing image {image!r}; "
+                                          "free space and re-run to resume (finished images are kept)") from None
+
+
 def done_mask(root: zarr.Group) -> np.ndarray:
     return root["images/done"][:]
+
+
+def errors(root: zarr.Group) -> np.ndarray:
+    """Per image, why it was skipped ("" where it was not)."""
+    node = root["images"]
+    return node["error"][:] if "error" in node else np.full(node["done"].shape, "", dtype=object)
 
 
 def mark_done(root: zarr.Group, index: int, seconds: float, peak_memory: int) -> None:
     """Flag image `index` complete: called only after all of its arrays are written."""
     root["images/seconds"][index] = seconds
     root["images/peak_memory"][index] = peak_memory
+    if "error" in root["images"] and root["images/error"][index]:
+        root["images/error"][index] = ""  # an earlier run skipped it
     root["images/done"][index] = True
+
+
+def mark_skipped(root: zarr.Group, index: int, reason: str) -> None:
+    """Record why image `index` was skipped (`on_error: skip`); it stays not done."""
+    root["images/error"][index] = reason
 
 
 def finish(root: zarr.Group) -> None:
@@ -138,6 +205,7 @@ def read_images(root: zarr.Group) -> pd.DataFrame:
     table = {"image": root["image"][:]}
     for column in (*IMAGE_COLUMNS, "done", "seconds", "peak_memory"):
         table[column] = node[column][:]
+    table["error"] = errors(root)
     return pd.DataFrame(table)
 
 

@@ -13,7 +13,8 @@ def main(name: str) -> None:
     images = pd.read_parquet(params.data.images)
     dataset = {"root": params.data.root, "split": params.data.split}
     # Under DVC, changed parameters mean "rebuild": the store is replaced, not refused.
-    encode(params.encoder(name), images, params.data.root, params.latents_path(name), overwrite=True, dataset=dataset)
+    encode(params.encoder(name), images, params.data.root, params.latents_path(name), overwrite=True, dataset=dataset,
+           on_error=params.on_error)
 
 
 if __name__ == "__main__":

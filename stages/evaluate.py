@@ -2,15 +2,16 @@
 
 from pathlib import Path
 
-from pipeline import metrics
+from pipeline import cluster, metrics
 from pipeline.config import load_params
 
 
 def main() -> None:
     params = load_params()
     paths = [Path(params.match.predictions) / f"{name}.parquet" for name in params.backbones]
-    table = metrics.write_metrics(metrics.read_predictions(paths), "metrics/pck.json", "metrics/pck.csv",
-                                  best_dir="metrics/best")
+    with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
+        table = metrics.score_files(paths, client)
+    metrics.write_metrics(table, "metrics/pck.json", "metrics/pck.csv", best_dir="metrics/best")
     by_layer, by_timestep = metrics.curve_tables(table)
     by_layer.to_csv("metrics/pck_vs_layer.csv", index=False, float_format="%.6f")
     by_timestep.to_csv("metrics/pck_vs_timestep.csv", index=False, float_format="%.6f")

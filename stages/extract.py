@@ -2,6 +2,7 @@
 
 import sys
 
+from pipeline import cluster
 from pipeline.config import load_params
 from pipeline.extract import extract
 
@@ -11,7 +12,9 @@ def main(name: str) -> None:
     backbone = params.backbone(name)
     # Under DVC, changed parameters mean "rebuild": a store with another fingerprint is replaced;
     # one with the same fingerprint resumes.
-    extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), overwrite=True)
+    with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
+        extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), overwrite=True,
+                client=client, on_error=params.on_error)
 
 
 if __name__ == "__main__":

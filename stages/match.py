@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import cluster
 from pipeline.config import load_params
-from pipeline.match import match_store
+from pipeline.match import match_to_file
 
 
 def main(name: str) -> None:
     params = load_params()
     pairs = pd.read_parquet(params.data.pairs)
-    predictions = match_store(params.store_path(name), pairs, protocol=params.match.protocol, top_k=params.match.top_k,
-                              transform_specs=params.match.transforms_for(name))
-    out = Path(params.match.predictions) / f"{name}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_parquet(out, index=False)
+    with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
+        match_to_file(params.store_path(name), pairs, Path(params.match.predictions) / f"{name}.parquet",
+                      protocol=params.match.protocol, top_k=params.match.top_k,
+                      transform_specs=params.match.transforms_for(name), client=client, on_error=params.on_error)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "spair-sample"
 
 
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store except per-image timings, which measure the machine, not the features."""
+    timing = ("images/seconds", "images/peak_memory")
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(Path(path).rglob("*"))
+            if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
+
+
 @pytest.fixture
 def spair_sample(tmp_path) -> Path:
     """A copy of the real SPair annotation sample with placeholder JPEGs of the annotated sizes."""
@@ -68,4 +75,5 @@ def demo_stores(tmp_path_factory, demo_root, tiny_models):
         params = BackboneParams(kind=kind, model=tiny_models[model], latents=model, layers=layers, timesteps=[261],
                                 ensemble=1, noise=not kind.startswith("vae"))
         stores[name] = extract(params, name, latents[model], base / f"{name}.zarr")
-    return {"pairs": split.pairs, "images": split.images, "stores": stores, "root": demo_root}
+    return {"pairs": split.pairs, "images": split.images, "stores": stores, "root": demo_root, "latents": latents,
+            "models": tiny_models}

@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.spair import load_split
 from pipeline.tiny_models import make_tiny
+from conftest import store_files
 
 CANVAS = 128
 SD2 = BackboneParams(kind="sd2", model="", latents="", layers=["up_blocks.0", "up_blocks.1", "up_blocks.3"],
@@ -104,19 +105,12 @@ def test_sd3_block_equals_direct_transformer_call(world, tmp_path):
     np.testing.assert_allclose(node["scale"][index, 0], scale[0].numpy(), rtol=2e-3, atol=1e-3)
 
 
-def _contents(path: Path) -> dict[str, bytes]:
-    """Every file of a store except per-image timings, which measure the machine, not the features."""
-    timing = ("images/seconds", "images/peak_memory")
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
-
-
 def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch):
     first = _run(world, SD2, tmp_path / "a.zarr")
     second = _run(world, SD2, tmp_path / "b.zarr")
-    assert _contents(first) == _contents(second)
+    assert store_files(first) == store_files(second)
     other = _run(world, SD2, tmp_path / "c.zarr", seed=1)
-    assert _contents(other)["up_blocks.1/features/c/0/0/0/0/0"] != _contents(first)["up_blocks.1/features/c/0/0/0/0/0"]
+    assert store_files(other)["up_blocks.1/features/c/0/0/0/0/0"] != store_files(first)["up_blocks.1/features/c/0/0/0/0/0"]
 
     # Interrupt: image 3's features are written, then the process dies before its flag.
     calls = {"n": 0}
@@ -140,7 +134,7 @@ def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch)
     resumed = zarr.open_group(tmp_path / "r.zarr", mode="r")
     assert store.done_mask(resumed).all()
     np.testing.assert_array_equal(resumed["images/seconds"][:3], before)  # finished images untouched
-    assert _contents(tmp_path / "r.zarr") == _contents(first)
+    assert store_files(tmp_path / "r.zarr") == store_files(first)
 
 
 def test_other_parameters_are_refused_unless_overwrite(world, tmp_path):
