@@ -40,6 +40,20 @@ _on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]
                                 help="skip: leave bad items out, list them, go on.")
 
 @cli.command()
+@click.argument("dataset")
+@click.option("--dest", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="Folder for the archive and the extracted dataset.")
+@click.option("--url", default=None, help="Archive URL; default the official one.")
+@click.option("--sha256", default=None, help="Expected sha256 of the archive; without it the digest is printed to pin.")
+def download(dataset, dest, url, sha256):
+    """Download (resumable), verify and safely extract a dataset archive, e.g. spair71k."""
+    from pipeline.download import download as run_download
+
+    folder = run_download(dataset, dest, url=url, sha256=sha256)
+    click.echo(f"{dataset} -> {folder}")
+
+
+@cli.command()
 @click.option("--root", type=click.Path(path_type=Path), required=True, help="SPair-71k root folder.")
 @click.option("--split", type=click.Choice(["trn", "val", "test"]), default="test", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pairs table (parquet).")

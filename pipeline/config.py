@@ -83,6 +83,15 @@ class MatchParams:
 
 
 @dataclass(frozen=True)
+class DownloadParams:
+    """A dataset archive to fetch (pipeline/download.py), named like `download.spair71k`."""
+
+    root: str  # the extracted folder, e.g. data/SPair-71k; the archive is kept beside it
+    url: str | None = None  # default: the official one
+    sha256: str | None = None  # pin it: the first download prints the digest
+
+
+@dataclass(frozen=True)
 class DaskParams:
     """Where stages run: in this process (the default), a LocalCluster, or a running scheduler."""
 
@@ -98,6 +107,7 @@ class Params:
     encoders: dict[str, EncoderParams] = field(default_factory=dict)
     backbones: dict[str, BackboneParams] = field(default_factory=dict)
     match: MatchParams = MatchParams()
+    download: dict[str, DownloadParams] = field(default_factory=dict)  # empty in the demo: nothing to fetch
     dask: DaskParams = DaskParams()
     on_error: str = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
@@ -145,7 +155,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise PipelineError(path, unknown[0], f"unknown section; expected one of {sorted(sections)}")
-    named = {"models": ModelParams, "encoders": EncoderParams, "backbones": BackboneParams}
+    named = {"models": ModelParams, "encoders": EncoderParams, "backbones": BackboneParams,
+             "download": DownloadParams}
     return Params(
         data=_section(DataParams, raw.get("data"), f"{path}: data"),
         demo=_section(DemoParams, raw.get("demo"), f"{path}: demo"),

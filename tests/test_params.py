@@ -22,6 +22,8 @@ def test_profile_is_consistent(path):
         pixels = params.encoders[backbone.latents].kind == "pixels"
         assert pixels == (backbone.kind in ("dinov2", "clip")), name
     assert set(params.match.transforms) <= set(params.backbones)
+    for name, spec in params.download.items():
+        assert spec.root == params.data.root, name  # prepare reads what download unpacks
 
 
 def test_unknown_parameter_is_named(tmp_path):

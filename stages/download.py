@@ -1,0 +1,22 @@
+"""DVC stage `download@<name>`: fetch, verify and unpack one dataset archive (params: download.<name>)."""
+
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.download import DATASETS, download
+from pipeline.errors import PipelineError
+
+
+def main(name: str) -> None:
+    spec = load_params().download[name]
+    root = Path(spec.root)
+    expected = DATASETS[name].folder if name in DATASETS else root.name
+    if root.name != expected:
+        raise PipelineError("params.yaml", f"download.{name}.root", f"the archive unpacks to {expected!r}; "
+                            f"end the path with it, e.g. {(root.parent / expected).as_posix()}")
+    download(name, root.parent, url=spec.url, sha256=spec.sha256)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
