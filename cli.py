@@ -65,15 +65,19 @@ def download(dataset, dest, url, sha256):
               help="Read the pair list from Layout/<layout>/<split>.txt instead of PairAnnotation/<split>.")
 @click.option("--category", "categories", multiple=True, help="Keep only these categories (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Demo generator seed.")
-def prepare(root, split, out, images_out, dataset, layout, categories, seed):
+@_on_error_option
+def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_error):
     """Read one split into a pairs table and an images table."""
     from pipeline import demo, spair
 
     if dataset == "demo":
         demo.generate(root, demo.DemoSpec(seed=seed))
-    tables = spair.load_split(root, split, layout=layout, categories=list(categories))
+    from pipeline.errors import report_skipped
+
+    tables = spair.load_split(root, split, layout=layout, categories=list(categories), on_error=on_error)
     images_out = images_out or out.with_name(f"{out.stem}-images.parquet")
-    spair.write_split(tables, out, images_out)
+    spair.write_split(tables, out, images_out, out.with_name(f"{out.stem}-skipped.csv"))
+    report_skipped(root, list(tables.skipped.itertuples(index=False, name=None)))
     click.echo(f"{len(tables.pairs)} pairs, {len(tables.images)} images, "
                f"{tables.pairs['kps_ids'].map(len).sum()} keypoints -> {out}, {images_out}")
 
@@ -269,6 +273,32 @@ def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
     edit_propagation.save_image(out, composite)
     click.echo(f"{info_['method']}: {info_['inliers']}/{info_['matches']} inliers, edit centre "
                f"({info_['centre'][0]:.1f}, {info_['centre'][1]:.1f}) -> {out}")
+
+
+@cli.command()
+@click.option("--store", "path", type=click.Path(path_type=Path), required=True)
+@click.option("--backbone", default=None,
+              help="Also check that the store is what params.yaml's backbone of this name would build.")
+@_params_option
+def verify(path, backbone, params_file):
+    """Check a store: completeness, fingerprint, shapes, finite values; problems listed per image.
+    Exit status 1 when there is any."""
+    from pipeline.verify import verify as run_verify
+
+    expected = None
+    if backbone is not None:
+        from pipeline.config import load_params
+        from pipeline.extract import expected_fingerprint
+
+        params = load_params(params_file)
+        spec = params.backbone(backbone)
+        expected = expected_fingerprint(spec, params.latents_path(spec.latents))
+    problems, summary = run_verify(path, expected)
+    click.echo(summary)
+    for problem in problems:
+        click.echo(f"  {problem}")
+    click.echo(f"{len(problems)} problem(s)" if problems else "OK")
+    sys.exit(1 if problems else 0)
 
 
 @cli.command()

@@ -24,6 +24,7 @@ class DataParams:
     categories: list[str] = field(default_factory=list)  # empty: all
     pairs: str = "data/prepared/pairs.parquet"
     images: str = "data/prepared/images.parquet"
+    skipped: str = "data/prepared/skipped.csv"  # pairs left out under on_error: skip, with the reason
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
              **factors, "determinants": determinants}
     skipped = []
-    with store.writer_lock(out):
+    with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, table, None, overwrite)
         done = store.done_mask(root)
         paths = images.set_index("image")["path"]
@@ -105,7 +105,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
                 try:
                     _encode_image(root, index, key, vae, Path(dataset_root) / paths[key], params, device, dtype, out)
                 except PipelineError as exc:
-                    if on_error != "skip" or exc.field == "disk":
+                    if on_error != "skip":
                         raise
                     store.mark_skipped(root, index, str(exc))
                     skipped.append((key, str(exc)))
@@ -130,12 +130,11 @@ def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderPa
         raise PipelineError(path, None, "the VAE gave non-finite latents for this image")
     h, w, c = mean.shape
     stride = params.canvas / h
-    with store.writing(out, key):
-        node = store.ensure_layer(
+    node = store.ensure_layer(
             root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
-            {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-            {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
-             "VAE posterior on the canvas, before any scaling"}, dtype="float32",
-        )
-        node["mean"][index], node["std"][index] = mean, std
-        store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
+        {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
+        {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
+         "VAE posterior on the canvas, before any scaling"}, dtype="float32",
+    )
+    node["mean"][index], node["std"][index] = mean, std
+    store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))

@@ -94,9 +94,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         client.submit(_backbone_loads, params, latents_attrs, pure=False).result()
 
     images = store.read_images(latents)
-    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
-                    "latents": latents_attrs["fingerprint"]}
-    determinants.pop("device")
+    determinants = _determinants(params, latents_attrs)
     attrs = {
         "kind": "features", "name": name, "backbone": params.kind, "model": params.model,
         "preprocessing": {"canvas": latents_attrs["canvas"], "canvas_mode": latents_attrs["canvas_mode"],
@@ -106,7 +104,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         "layers": params.layers, "timesteps": params.timesteps, "determinants": determinants,
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")},
     }
-    with store.writer_lock(out):
+    with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, overwrite)
         pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
         job = (params, str(latents_path), str(out), on_error)
@@ -119,6 +117,19 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         store.finish(root)
     report_skipped(out, skipped)
     return Path(out)
+
+
+def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
+    """Everything that decides a features store's contents (not where it ran)."""
+    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
+                    "latents": latents_attrs["fingerprint"]}
+    determinants.pop("device")
+    return determinants
+
+
+def expected_fingerprint(params: BackboneParams, latents_path: str | Path) -> str:
+    """The fingerprint a store extracted with `params` from `latents_path` would have."""
+    return store.fingerprint(_determinants(params, dict(open_latents(latents_path).attrs)))
 
 
 def _extract_distributed(client, job, root, pending: list[int], bar) -> list[tuple[str, str]]:
@@ -163,11 +174,10 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
             mean = torch.from_numpy(mean_array[index]).permute(2, 0, 1)
             std = torch.from_numpy(std_array[index]).permute(2, 0, 1)
             maps = _image_maps(params, backbone, image, category, mean, std, out)
-            with store.writing(out, image):
-                _write(root, params, backbone, index, maps, latents_attrs["canvas"])
-                store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
+            _write(root, params, backbone, index, maps, latents_attrs["canvas"])
+            store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
         except PipelineError as exc:
-            if on_error != "skip" or exc.field == "disk":
+            if on_error != "skip":
                 raise
             store.mark_skipped(root, index, str(exc))
             skipped.append((image, str(exc)))

@@ -162,6 +162,13 @@ def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, times
     maps = path if hasattr(path, "load") else StoreMaps(path)
     request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
     out = Path(out)
+    with store.writing(out):
+        _write_parts_and_table(maps, request, pairs, out, client)
+    report_skipped(maps.path, request.skipped)
+    return out
+
+
+def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, client) -> None:
     parts = _parts_folder(out, maps, request, pairs)
     todo = [t for t in request.targets if not _part(parts, request, t).exists()]
     for target, frame in _run(maps, request, pairs, todo, client, initial=len(request.targets) - len(todo)):
@@ -179,8 +186,6 @@ def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, times
         raise PipelineError(out, None, "no pair left to match")
     os.replace(staging, out)
     shutil.rmtree(parts)
-    report_skipped(maps.path, request.skipped)
-    return out
 
 
 def _parts_folder(out: Path, maps, request: Plan, pairs: pd.DataFrame) -> Path:

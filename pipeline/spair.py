@@ -12,12 +12,13 @@ image can occur under two categories.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.config import check_policy
 from pipeline.errors import PipelineError
 
 SPLITS = ("trn", "val", "test")
@@ -48,10 +49,12 @@ PAIR_FIELDS = {
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a dataset: a row per pair and a row per image the pairs use."""
+    """One split of a dataset: a row per pair and a row per image the pairs use, and what
+    `on_error: skip` left out (a row per pair file: its name and the one-line reason)."""
 
     pairs: pd.DataFrame
     images: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["pair", "reason"]))
 
 
 def image_key(category: str, imname: str) -> str:
@@ -121,9 +124,10 @@ def pair_files(root: Path, split: str, layout: str | None = None) -> list[Path]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(W, H) from the file header, without decoding the pixels."""
+    """(W, H) of an image that decodes completely: a truncated file fails here, not mid-extraction."""
     try:
         with Image.open(path) as image:
+            image.load()
             return image.size
     except FileNotFoundError:
         raise PipelineError(path, None, "image is missing") from None
@@ -136,12 +140,28 @@ def load_split(
     split: str,
     layout: str | None = None,
     categories: list[str] | None = None,
+    on_error: str = "fail",
 ) -> Split:
-    """Read one split of an SPair-format dataset, checking every pair and every image it uses."""
+    """Read one split of an SPair-format dataset, checking every pair and every image it uses.
+
+    `on_error: skip` leaves out a bad pair file, and every pair whose image is missing, unreadable
+    or of another size than annotated, and lists them in `Split.skipped`.
+    """
+    check_policy(on_error)
     root = Path(root)
-    records = [read_pair(path) for path in pair_files(root, split, layout)]
-    if not records:
-        raise PipelineError(root / "PairAnnotation" / split, None, f"split {split!r} has no pairs")
+    skipped: list[tuple[str, str]] = []
+
+    def bad(path: Path, exc: PipelineError) -> None:
+        if on_error != "skip":
+            raise exc
+        skipped.append((path.stem, str(exc)))
+
+    records = []
+    for path in pair_files(root, split, layout):
+        try:
+            records.append(read_pair(path))
+        except PipelineError as exc:
+            bad(path, exc)
     if categories:
         present = sorted({r["category"] for r in records})
         unknown = sorted(set(categories) - set(present))
@@ -152,42 +172,53 @@ def load_split(
         records = [r for r in records if r["category"] in categories]
 
     images: dict[str, dict] = {}
+    broken: dict[str, PipelineError] = {}
     rows = []
     for record in records:
         row = {"split": split, **record}
-        for side in ("src", "trg"):
-            key = image_key(record["category"], record[f"{side}_imname"])
-            path = Path("JPEGImages") / record["category"] / record[f"{side}_imname"]
-            width, height, depth = record[f"{side}_imsize"]
-            if key not in images:
-                actual = _image_size(root / path)
-                if actual != (width, height):
-                    raise PipelineError(
-                        root / path,
-                        None,
-                        f"image is {actual[0]}x{actual[1]} but {record['filename']}.json "
-                        f"says {side}_imsize {width}x{height}",
-                    )
-                images[key] = {
-                    "image": key,
-                    "category": record["category"],
-                    "name": Path(record[f"{side}_imname"]).stem,
-                    "path": path.as_posix(),
-                    "width": width,
-                    "height": height,
-                    "depth": depth,
-                }
-            row[f"{side}_image"] = key
-            row[f"{side}_width"], row[f"{side}_height"] = width, height
+        try:
+            for side in ("src", "trg"):
+                key = image_key(record["category"], record[f"{side}_imname"])
+                if key not in images and key not in broken:
+                    try:
+                        images[key] = _image_row(root, record, side, key)
+                    except PipelineError as exc:
+                        broken[key] = exc
+                if key in broken:
+                    raise broken[key]
+                row[f"{side}_image"] = key
+                row[f"{side}_width"], row[f"{side}_height"] = images[key]["width"], images[key]["height"]
+        except PipelineError as exc:
+            bad(Path(record["filename"]), exc)
+            continue
         rows.append(row)
+    if not rows:
+        raise PipelineError(root / "PairAnnotation" / split, None, f"split {split!r} has no pairs"
+                            + (f" left after skipping {len(skipped)}" if skipped else ""))
 
     pairs = pd.DataFrame(rows).sort_values(["pair_id", "filename"], kind="stable").reset_index(drop=True)
-    image_table = pd.DataFrame(sorted(images.values(), key=lambda r: r["image"]))
-    return Split(pairs=pairs, images=image_table.reset_index(drop=True))
+    used = set(pairs["src_image"]) | set(pairs["trg_image"])
+    image_table = pd.DataFrame(sorted((v for k, v in images.items() if k in used), key=lambda r: r["image"]))
+    return Split(pairs=pairs, images=image_table.reset_index(drop=True),
+                 skipped=pd.DataFrame(skipped, columns=["pair", "reason"]))
 
 
-def write_split(split: Split, pairs_path: str | Path, images_path: str | Path) -> None:
-    """Write both tables as parquet (list columns stay lists)."""
+def _image_row(root: Path, record: dict, side: str, key: str) -> dict:
+    path = Path("JPEGImages") / record["category"] / record[f"{side}_imname"]
+    width, height, depth = record[f"{side}_imsize"]
+    actual = _image_size(root / path)
+    if actual != (width, height):
+        raise PipelineError(root / path, None, f"image is {actual[0]}x{actual[1]} but {record['filename']}.json "
+                                               f"says {side}_imsize {width}x{height}")
+    return {"image": key, "category": record["category"], "name": Path(record[f"{side}_imname"]).stem,
+            "path": path.as_posix(), "width": width, "height": height, "depth": depth}
+
+
+def write_split(split: Split, pairs_path: str | Path, images_path: str | Path,
+                skipped_path: str | Path | None = None) -> None:
+    """Write both tables as parquet (list columns stay lists), and what was skipped as CSV."""
     for table, path in ((split.pairs, pairs_path), (split.images, images_path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         table.to_parquet(path, index=False)
+    if skipped_path is not None:
+        split.skipped.to_csv(skipped_path, index=False)

@@ -156,16 +156,16 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
 
 
 @contextlib.contextmanager
-def writing(path: str | Path, image: str):
-    """Turn a full disk into a one-line error; the interrupted image stays unflagged, so a re-run
+def writing(path: str | Path):
+    """Turn a full disk into a one-line error. The image being written stays unflagged, so a re-run
     after freeing space redoes just that image."""
     try:
         yield
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise PipelineError(path, "disk", f"no space left on device while writing image {image!r}; "
-                                          "free space and re-run to resume (finished images are kept)") from None
+        raise PipelineError(path, "disk", "no space left on device; free space and re-run to resume "
+                                          "(finished work is kept)") from None
 
 
 def done_mask(root: zarr.Group) -> np.ndarray:

@@ -2,13 +2,17 @@
 
 from pipeline import spair
 from pipeline.config import load_params
+from pipeline.errors import report_skipped
 
 
 def main() -> None:
-    data = load_params().data
-    tables = spair.load_split(data.root, data.split, layout=data.layout, categories=data.categories)
-    spair.write_split(tables, data.pairs, data.images)
-    print(f"{len(tables.pairs)} pairs, {len(tables.images)} images")
+    params = load_params()
+    data = params.data
+    tables = spair.load_split(data.root, data.split, layout=data.layout, categories=data.categories,
+                              on_error=params.on_error)
+    spair.write_split(tables, data.pairs, data.images, data.skipped)
+    report_skipped(data.root, list(tables.skipped.itertuples(index=False, name=None)))
+    print(f"{len(tables.pairs)} pairs, {len(tables.images)} images, {len(tables.skipped)} skipped")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""`cli.py verify`: is a store complete and sound? Checks what a killed run, a full disk or a bad
+model could leave behind, and names the image for each problem.
+
+- the fingerprint matches the parameters recorded in the store (and, given them, today's params);
+- every array has the shape and dimension names of the store contract;
+- every image is done, and every done image has all its chunks, all finite;
+- no temporary chunk file of an interrupted writer is left over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import store
+
+
+@dataclass(frozen=True)
+class Problem:
+    image: str | None  # None: the store as a whole
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.image or '(store)'}: {self.where}: {self.reason}"
+
+
+def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[list[Problem], str]:
+    """The problems found, and a one-line summary of what was checked."""
+    path = Path(path)
+    root = store.open_existing(path)
+    attrs = dict(root.attrs)
+    problems = []
+    recorded = store.fingerprint(attrs.get("determinants", {}))
+    if recorded != attrs["fingerprint"]:
+        problems.append(Problem(None, "fingerprint", f"{attrs['fingerprint']} does not match the recorded "
+                                                     f"parameters ({recorded}); the attributes were edited"))
+    if expected_fingerprint is not None and expected_fingerprint != attrs["fingerprint"]:
+        problems.append(Problem(None, "fingerprint", f"built with other parameters than params.yaml gives "
+                                                     f"({attrs['fingerprint']} vs {expected_fingerprint})"))
+    problems += [Problem(None, leftover.relative_to(path).as_posix(), "temporary file of an interrupted writer "
+                         "(removed when the store is next written)") for leftover in sorted(path.rglob("*.partial"))]
+
+    images = store.read_images(root)
+    count = len(images)
+    nodes = {name: root[name] for name in (store.layers(root) if attrs.get("kind") == "features" else ["posterior"])
+             if name in root}
+    timesteps = root["timestep"].shape[0] if "timestep" in root else None
+    arrays = []
+    for name, node in nodes.items():
+        for key in sorted(node.array_keys()):
+            array = node[key]
+            dims = tuple(array.metadata.dimension_names or ())
+            if not dims or dims[0] != "image":
+                continue  # a coordinate
+            problem = _shape_problem(array, dims, count, timesteps, node)
+            if problem:
+                problems.append(Problem(None, f"{name}/{key}", problem))
+            else:
+                arrays.append((f"{name}/{key}", array))
+
+    for index, row in tqdm(list(images.iterrows()), unit="img", desc=f"verify {path.name}"):
+        if not row["done"]:
+            reason = f"skipped: {row['error']}" if row["error"] else "not done (resume the stage that writes it)"
+            problems.append(Problem(row["image"], "images/done", reason))
+            continue
+        for where, array in arrays:
+            values = array[index]
+            if np.isnan(values).all():
+                problems.append(Problem(row["image"], where, "missing: flagged done but never written"))
+            elif not np.isfinite(values).all():
+                problems.append(Problem(row["image"], where, f"{int((~np.isfinite(values)).sum())} non-finite values"))
+    summary = (f"{path}: {attrs.get('kind')} store, {int(images['done'].sum())}/{count} images done, "
+               f"{len(nodes)} layer(s), {len(arrays)} arrays checked, fingerprint {attrs['fingerprint']}")
+    return problems, summary
+
+
+def _shape_problem(array, dims: tuple, count: int, timesteps: int | None, node) -> str | None:
+    if array.shape[0] != count:
+        return f"{array.shape[0]} images, the store has {count}"
+    if "timestep" in dims and array.shape[dims.index("timestep")] != timesteps:
+        return f"{array.shape[dims.index('timestep')]} timesteps, the store has {timesteps}"
+    for dim in ("y", "x", "channel"):
+        if dim in dims and dim in node and node[dim].shape[0] != array.shape[dims.index(dim)]:
+            return f"{dim} has {array.shape[dims.index(dim)]} entries but coordinate {dim} has {node[dim].shape[0]}"
+    expected = {"features": ("image", "timestep", "y", "x", "channel"), "shift": ("image", "timestep", "channel"),
+                "scale": ("image", "timestep", "channel"), "mean": ("image", "y", "x", "channel"),
+                "std": ("image", "y", "x", "channel")}.get(array.basename)
+    if expected and dims != expected:
+        return f"dimensions {dims}, expected {expected}"
+    return None
