@@ -148,7 +148,7 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file)
 
 
 @cli.command()
-@click.option("--store", "paths", type=click.Path(path_type=Path), required=True, multiple=True,
+@click.option("--store", "paths", required=True, multiple=True,
               help="Features store; repeat to fuse stores (one --layer and --timestep per store, and --weights).")
 @click.option("--pairs", type=click.Path(path_type=Path), default=None,
               help="Pairs table; default data.pairs in params.yaml.")
@@ -178,7 +178,7 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
 
         pairs = Path(load_params(params_file).data.pairs)
     table = pd.read_parquet(pairs)
-    source, name = paths[0], paths[0].stem
+    source, name = paths[0], Path(paths[0]).stem
     if len(paths) > 1:
         from pipeline.fusion import FusedMaps
         from pipeline.match import StoreMaps
@@ -186,7 +186,7 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
         chosen_timesteps = list(timesteps) or [StoreMaps(p).timesteps[0] for p in paths]
         split_weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(paths)
         source = FusedMaps(list(paths), list(layers), chosen_timesteps, split_weights)
-        name, layers, timesteps = "fused-" + "-".join(p.stem for p in paths), None, None
+        name, layers, timesteps = "fused-" + "-".join(Path(p).stem for p in paths), None, None
     out = out or Path("predictions") / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     with cluster.connect(scheduler, workers) as client:
@@ -276,7 +276,7 @@ def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
 
 
 @cli.command()
-@click.option("--store", "path", type=click.Path(path_type=Path), required=True)
+@click.option("--store", "path", required=True, help="Store: a local path or an fsspec URL.")
 @click.option("--backbone", default=None,
               help="Also check that the store is what params.yaml's backbone of this name would build.")
 @_params_option
@@ -302,7 +302,7 @@ def verify(path, backbone, params_file):
 
 
 @cli.command()
-@click.option("--store", "path", type=click.Path(path_type=Path), required=True)
+@click.option("--store", "path", required=True, help="Store: a local path or an fsspec URL.")
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""
     from pipeline.store import describe

@@ -61,7 +61,7 @@ _backbones: dict[str, object] = {}
 
 def _backbone(params: BackboneParams, latents_attrs: dict):
     """The loaded backbone, once per process: a dask worker keeps its model between shards."""
-    key = json.dumps([asdict(params), latents_attrs["fingerprint"]], sort_keys=True)
+    key = json.dumps([asdict(params), hub.model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
     if key not in _backbones:
         _backbones.clear()  # one model per process at a time
         device = hub.resolve_device(cluster.worker_device(params.device))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -25,6 +26,7 @@ from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
 from pipeline.metrics import bbox_threshold
 
 PROTOCOLS = ("dift", "fast")
+TARGETS_PER_ROW_GROUP = 32
 
 
 def _selection(requested, available, field: str, path) -> list:
@@ -40,7 +42,7 @@ class StoreMaps:
     """Feature maps of one store as `FeatureMap`s, read one (image, timestep) chunk at a time."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = store.location(path)
         self.root = store.open_existing(path)
         if self.root.attrs.get("kind") != "features":
             raise PipelineError(path, "kind", "not a features store")
@@ -48,7 +50,7 @@ class StoreMaps:
         self.position = {image: i for i, image in enumerate(self.images.index)}
         self.timesteps = [int(t) for t in self.root["timestep"][:]]
         self.layers = store.layers(self.root)
-        self.name = self.root.attrs.get("name", self.path.stem)
+        self.name = self.root.attrs.get("name", Path(str(self.path)).stem)
         self.fingerprint = self.root.attrs["fingerprint"]
         self.load = lru_cache(maxsize=8)(self._load)
         self.massive = lru_cache(maxsize=None)(self._massive)
@@ -157,7 +159,7 @@ def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, times
     """Like `match_store`, into the parquet table `out`, and resumable: each target image's rows are
     saved to `<out>.parts/` as soon as they exist (written to a temporary name, then renamed), so a
     killed run loses at most the targets in flight and a re-run computes only the missing ones.
-    The table is assembled from the parts in target order (one row group per target), then
+    The table is assembled from the parts in target order (a row group per 32 targets), then
     renamed into place: `out` is complete or absent, never half-written, never duplicated."""
     maps = path if hasattr(path, "load") else StoreMaps(path)
     request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
@@ -175,10 +177,14 @@ def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, 
         _atomic_parquet(frame, _part(parts, request, target))
     writer, staging = None, out.with_name(f".{out.name}.partial")
     try:
-        for target in request.targets:
-            table = pq.read_table(_part(parts, request, target))
-            writer = writer or pq.ParquetWriter(staging, table.schema)
+        # A row group per TARGETS_PER_ROW_GROUP targets: the writer keeps every row group's metadata
+        # until it closes, so one per target would grow with the dataset.
+        for start in range(0, len(request.targets), TARGETS_PER_ROW_GROUP):
+            batch = request.targets[start:start + TARGETS_PER_ROW_GROUP]
+            table = pa.concat_tables([pq.read_table(_part(parts, request, target)) for target in batch])
+            writer = writer or pq.ParquetWriter(staging, table.schema, write_statistics=False)
             writer.write_table(table)
+            pa.default_memory_pool().release_unused()
     finally:
         if writer is not None:
             writer.close()

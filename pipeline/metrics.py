@@ -110,7 +110,7 @@ def pck_from_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return tidy[order + ["pck", "pairs", "points"]].sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def score_files(paths, client=None, row_groups: int = 64) -> pd.DataFrame:
+def score_files(paths, client=None, row_groups: int = 4) -> pd.DataFrame:
     """`pck_table` of predictions tables, read a few row groups at a time (so memory holds scores,
     not predictions); with a dask client the row groups are scored on its workers."""
     tasks = []

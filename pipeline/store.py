@@ -60,7 +60,7 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
     `attrs["determinants"]` holds the parameters the fingerprint is computed from; `images` has
     `image` plus IMAGE_COLUMNS.
     """
-    path = Path(path)
+    path = local(path)
     attrs = {"schema_version": SCHEMA_VERSION, **attrs, "fingerprint": fingerprint(attrs["determinants"])}
     if path.exists():
         try:
@@ -105,7 +105,7 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
 @contextlib.contextmanager
 def writer_lock(path: str | Path):
     """Hold `<store>.lock` while writing `path`; a second writer is refused, not queued."""
-    lock = Path(f"{path}.lock")
+    lock = Path(f"{local(path)}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(lock, "a+")
@@ -213,12 +213,36 @@ def layers(root: zarr.Group) -> list[str]:
     return sorted(name for name, node in root.groups() if name != "images" and "features" in node)
 
 
+def is_url(path) -> bool:
+    """An fsspec URL (s3://, gs://, memory://...): read-only here, see README "Object storage"."""
+    return "://" in str(path)
+
+
+def location(path: str | Path) -> str | Path:
+    """A store's address as given: a URL stays a string, a local path becomes a Path."""
+    return str(path) if is_url(path) else Path(path)
+
+
+def local(path: str | Path) -> Path:
+    """The local path of a store about to be written; URLs are refused in one line."""
+    if is_url(path):
+        raise PipelineError(path, None, "stores are written to a local or shared filesystem (the writer lock and "
+                                        "atomic renames need one); write locally, then `dvc push` or sync it")
+    return Path(path)
+
+
 def size_on_disk(path: str | Path) -> int:
+    if is_url(path):
+        import fsspec
+
+        filesystem, root = fsspec.core.url_to_fs(str(path))
+        return int(filesystem.du(root))
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def open_existing(path: str | Path) -> zarr.Group:
-    path = Path(path)
+    """Open a store for reading: a local path or any fsspec URL."""
+    path = location(path)
     try:
         root = zarr.open_group(path, mode="r")
         _ = root.attrs["fingerprint"]

@@ -30,7 +30,7 @@ class Problem:
 
 def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[list[Problem], str]:
     """The problems found, and a one-line summary of what was checked."""
-    path = Path(path)
+    path = store.location(path)
     root = store.open_existing(path)
     attrs = dict(root.attrs)
     problems = []
@@ -41,8 +41,9 @@ def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[l
     if expected_fingerprint is not None and expected_fingerprint != attrs["fingerprint"]:
         problems.append(Problem(None, "fingerprint", f"built with other parameters than params.yaml gives "
                                                      f"({attrs['fingerprint']} vs {expected_fingerprint})"))
-    problems += [Problem(None, leftover.relative_to(path).as_posix(), "temporary file of an interrupted writer "
-                         "(removed when the store is next written)") for leftover in sorted(path.rglob("*.partial"))]
+    if not store.is_url(path):
+        problems += [Problem(None, leftover.relative_to(path).as_posix(), "temporary file of an interrupted writer "
+                             "(removed when the store is next written)") for leftover in sorted(path.rglob("*.partial"))]
 
     images = store.read_images(root)
     count = len(images)
@@ -62,7 +63,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[l
             else:
                 arrays.append((f"{name}/{key}", array))
 
-    for index, row in tqdm(list(images.iterrows()), unit="img", desc=f"verify {path.name}"):
+    for index, row in tqdm(list(images.iterrows()), unit="img", desc=f"verify {Path(str(path)).name}"):
         if not row["done"]:
             reason = f"skipped: {row['error']}" if row["error"] else "not done (resume the stage that writes it)"
             problems.append(Problem(row["image"], "images/done", reason))
