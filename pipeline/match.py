@@ -172,16 +172,17 @@ def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, times
 
 def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, client) -> None:
     parts = _parts_folder(out, maps, request, pairs)
-    todo = [t for t in request.targets if not _part(parts, request, t).exists()]
+    files = {target: parts / f"{i:06d}.parquet" for i, target in enumerate(request.targets)}
+    todo = [t for t in request.targets if not files[t].exists()]
     for target, frame in _run(maps, request, pairs, todo, client, initial=len(request.targets) - len(todo)):
-        _atomic_parquet(frame, _part(parts, request, target))
+        _atomic_parquet(frame, files[target])
     writer, staging = None, out.with_name(f".{out.name}.partial")
     try:
         # A row group per TARGETS_PER_ROW_GROUP targets: the writer keeps every row group's metadata
         # until it closes, so one per target would grow with the dataset.
         for start in range(0, len(request.targets), TARGETS_PER_ROW_GROUP):
             batch = request.targets[start:start + TARGETS_PER_ROW_GROUP]
-            table = pa.concat_tables([pq.read_table(_part(parts, request, target)) for target in batch])
+            table = pa.concat_tables([pq.read_table(files[target]) for target in batch])
             writer = writer or pq.ParquetWriter(staging, table.schema, write_statistics=False)
             writer.write_table(table)
             pa.default_memory_pool().release_unused()
@@ -206,10 +207,6 @@ def _parts_folder(out: Path, maps, request: Plan, pairs: pd.DataFrame) -> Path:
     parts.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
     return parts
-
-
-def _part(parts: Path, request: Plan, target: str) -> Path:
-    return parts / f"{request.targets.index(target):06d}.parquet"
 
 
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
