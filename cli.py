@@ -103,6 +103,27 @@ _params_option = click.option("--params", "params_file", type=click.Path(path_ty
                               show_default=True, help="Parameters file.")
 
 
+_check_disk_option = click.option(
+    "--check-disk/--no-check-disk", default=None,
+    help="Refuse to start when the store cannot fit on its disk; default check_disk in params.yaml.")
+
+
+@cli.command()
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
+              show_default=True, help="Parameters file (e.g. profiles/spair71k.yaml).")
+@click.option("--images", type=int, default=None, help="Images to plan for; default the prepared images table's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(params_file, images, as_json):
+    """Before any GPU time: stored bytes per store, downloads, GPU memory and time of every stage."""
+    import json
+
+    from pipeline.config import load_params
+    from pipeline.plan import format_plan, make_plan
+
+    result = make_plan(load_params(params_file), images)
+    click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
+
+
 @cli.command()
 @click.option("--encoder", required=True, help="Name under `encoders` in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
@@ -110,7 +131,8 @@ _params_option = click.option("--params", "params_file", type=click.Path(path_ty
 @click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
 @_on_error_option
 @_params_option
-def encode(encoder, out, overwrite, on_error, params_file):
+@_check_disk_option
+def encode(encoder, out, overwrite, on_error, params_file, check_disk):
     """Every image of the prepared split through one VAE (posterior mean and std)."""
     import pandas as pd
 
@@ -121,7 +143,8 @@ def encode(encoder, out, overwrite, on_error, params_file):
     images = pd.read_parquet(params.data.images)
     out = out or params.latents_path(encoder)
     run_encode(params.encoder(encoder), images, params.data.root, out, overwrite,
-               {"root": params.data.root, "split": params.data.split}, on_error)
+               {"root": params.data.root, "split": params.data.split}, on_error,
+               params.check_disk if check_disk is None else check_disk)
     click.echo(f"latents -> {out}")
 
 
@@ -133,7 +156,8 @@ def encode(encoder, out, overwrite, on_error, params_file):
 @_dask_options
 @_on_error_option
 @_params_option
-def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file):
+@_check_disk_option
+def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file, check_disk):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
     from pipeline import cluster
     from pipeline.config import load_params
@@ -143,7 +167,8 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file)
     spec = params.backbone(backbone)
     out = out or params.store_path(backbone)
     with cluster.connect(scheduler, workers) as client:
-        run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite, client, on_error)
+        run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite, client, on_error,
+                    params.check_disk if check_disk is None else check_disk)
     click.echo(f"features -> {out}")
 
 

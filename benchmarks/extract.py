@@ -23,7 +23,7 @@ import torch
 import zarr
 
 from pipeline import hub, store
-from pipeline.backbones import make_backbone
+from pipeline.backbones import Parts, make_backbone
 from pipeline.config import BackboneParams
 from pipeline.demo import generate
 from pipeline.config import EncoderParams
@@ -101,7 +101,8 @@ def main() -> None:
     params = replace(sd2_params, layers=up, timesteps=[101, 261])
     device = hub.resolve_device(args.device)
     group = open_latents(latents["sd2"])
-    backbone = make_backbone(params, dict(group.attrs), device, hub.resolve_dtype(args.dtype, device))
+    parts = Parts(params.model, device, hub.resolve_dtype(args.dtype, device))
+    backbone = make_backbone(params, dict(group.attrs), parts, sorted(images["category"].unique()))
     mean = group["posterior/mean"]
 
     def bare():

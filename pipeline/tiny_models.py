@@ -289,7 +289,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, list(_MERGES)
 
 
-def _write_vocab_files(directory: Path) -> None:
+def write_clip_vocab(directory: Path) -> None:
     vocab, merges = _tiny_vocab()
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text(
@@ -302,7 +302,7 @@ def make_tiny_clip_tokenizer(pad_token: str = _EOS):
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
-        _write_vocab_files(Path(tmp))
+        write_clip_vocab(Path(tmp))
         tok = CLIPTokenizer.from_pretrained(
             tmp, model_max_length=TOKENIZER_MAX_LENGTH, pad_token=pad_token
         )
@@ -327,7 +327,7 @@ def _save_tokenizer_vocab_too(pipeline_dir: Path, subfolders: tuple[str, ...]) -
     # transformers 5 saves only tokenizer.json; real SD folders also carry vocab.json/merges.txt,
     # which keeps the folder loadable by slow/legacy tokenizers.
     for sub in subfolders:
-        _write_vocab_files(pipeline_dir / sub)
+        write_clip_vocab(pipeline_dir / sub)
 
 
 # ---- T5 tokenizer (built offline) ------------------------------------------------------------

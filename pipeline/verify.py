@@ -76,6 +76,9 @@ def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[l
                 problems.append(Problem(row["image"], where, f"{int((~np.isfinite(values)).sum())} non-finite values"))
     summary = (f"{path}: {attrs.get('kind')} store, {int(images['done'].sum())}/{count} images done, "
                f"{len(nodes)} layer(s), {len(arrays)} arrays checked, fingerprint {attrs['fingerprint']}")
+    clipped = store.overflow(root)
+    if clipped:
+        summary += "; values clipped to float16's range: " + ", ".join(f"{k} {v}" for k, v in clipped.items())
     return problems, summary
 
 
@@ -88,7 +91,7 @@ def _shape_problem(array, dims: tuple, count: int, timesteps: int | None, node) 
         if dim in dims and dim in node and node[dim].shape[0] != array.shape[dims.index(dim)]:
             return f"{dim} has {array.shape[dims.index(dim)]} entries but coordinate {dim} has {node[dim].shape[0]}"
     expected = {"features": ("image", "timestep", "y", "x", "channel"), "shift": ("image", "timestep", "channel"),
-                "scale": ("image", "timestep", "channel"), "mean": ("image", "y", "x", "channel"),
+                "scale": ("image", "timestep", "channel"), "overflow": ("image", "timestep"), "mean": ("image", "y", "x", "channel"),
                 "std": ("image", "y", "x", "channel")}.get(array.basename)
     if expected and dims != expected:
         return f"dimensions {dims}, expected {expected}"

@@ -2,6 +2,7 @@
 
 from pipeline import demo
 from pipeline.config import load_params
+from stages import run
 
 
 def main() -> None:
@@ -10,4 +11,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

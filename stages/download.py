@@ -6,6 +6,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.download import DATASETS, download
 from pipeline.errors import PipelineError
+from stages import run
 
 
 def main(name: str) -> None:
@@ -19,4 +20,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -6,6 +6,7 @@ import pandas as pd
 
 from pipeline.config import load_params
 from pipeline.encode import encode
+from stages import run
 
 
 def main(name: str) -> None:
@@ -14,8 +15,9 @@ def main(name: str) -> None:
     dataset = {"root": params.data.root, "split": params.data.split}
     # Under DVC, changed parameters mean "rebuild": the store is replaced, not refused.
     encode(params.encoder(name), images, params.data.root, params.latents_path(name), overwrite=True, dataset=dataset,
-           on_error=params.on_error)
+           on_error=params.on_error,
+           check_disk=params.check_disk)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

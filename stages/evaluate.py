@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pipeline import cluster, metrics
 from pipeline.config import load_params
+from stages import run
 
 
 def main() -> None:
@@ -19,4 +20,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,6 +5,7 @@ import sys
 from pipeline import cluster
 from pipeline.config import load_params
 from pipeline.extract import extract
+from stages import run
 
 
 def main(name: str) -> None:
@@ -14,8 +15,8 @@ def main(name: str) -> None:
     # one with the same fingerprint resumes.
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), overwrite=True,
-                client=client, on_error=params.on_error)
+                client=client, on_error=params.on_error, check_disk=params.check_disk)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -8,6 +8,7 @@ import pandas as pd
 from pipeline import cluster
 from pipeline.config import load_params
 from pipeline.match import match_to_file
+from stages import run
 
 
 def main(name: str) -> None:
@@ -20,4 +21,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

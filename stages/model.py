@@ -1,15 +1,18 @@
-"""DVC stage `model@<name>`: write models/<name> (params: models.<name>)."""
+"""DVC stage `model@<name>`: write models/<name> (params: models.<name>; the components that the
+encoders and backbones naming it load)."""
 
 import sys
 
 from pipeline.config import load_params
-from pipeline.models import materialise
+from pipeline.models import components, materialise
+from stages import run
 
 
 def main(name: str) -> None:
-    model = load_params().models[name]
-    materialise(model.source, f"models/{name}", model.seed)
+    params = load_params()
+    model = params.models[name]
+    materialise(model.source, f"models/{name}", model.seed, model.revision, components(params, name))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

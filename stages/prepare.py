@@ -3,6 +3,7 @@
 from pipeline import spair
 from pipeline.config import load_params
 from pipeline.errors import report_skipped
+from stages import run
 
 
 def main() -> None:
@@ -16,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,6 +4,7 @@ import pandas as pd
 
 from pipeline import figures, metrics
 from pipeline.config import load_params
+from stages import run
 
 
 def main() -> None:
@@ -15,4 +16,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -179,7 +179,7 @@ def test_bad_layer_and_unloadable_model_are_one_line(world, tmp_path, monkeypatc
     with pytest.raises(PipelineError, match=r"layers: unknown layer 'up_blocks.9' for sd2; available: \[.*'mid_block'"):
         _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.9"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PipelineError, match=r"stabilityai/stable-diffusion-2-1: cannot load StableDiffusionPipeline: "
+    with pytest.raises(PipelineError, match=r"stabilityai/stable-diffusion-2-1: cannot load model_index.json: "
                                             r"not a local folder and not in the Hugging Face cache") as info:
         extract(replace(SD2, model="stabilityai/stable-diffusion-2-1"), "x", world["sd2"][1], tmp_path / "h.zarr")
     assert "\n" not in str(info.value) and "HF_HOME" in str(info.value)
@@ -222,19 +222,26 @@ def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
 
 
 def test_one_forward_per_timestep_stops_after_deepest_layer(world, tmp_path, monkeypatch):
-    from pipeline.backbones import sd2
+    from pipeline.backbones import Parts, sd2
 
     calls = {"up_blocks.0": 0, "up_blocks.1": 0, "up_blocks.2": 0, "text": 0}
-    original_init = sd2.SD2.__init__
+    original_load, original_component = sd2.SD2.load_model, Parts.component
 
-    def counting_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        for name in ("up_blocks.0", "up_blocks.1", "up_blocks.2"):
-            module = dict(self.unet.named_modules())[name]
-            module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
-        self.pipe.text_encoder.register_forward_hook(lambda m, a, o: calls.__setitem__("text", calls["text"] + 1))
+    def counting_load(self):
+        original_load(self)
+        if self.device.type != "meta":  # not the size estimate of the disk check
+            for name in ("up_blocks.0", "up_blocks.1", "up_blocks.2"):
+                module = dict(self.unet.named_modules())[name]
+                module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
 
-    monkeypatch.setattr(sd2.SD2, "__init__", counting_init)
+    def counting_component(self, name):
+        part = original_component(self, name)
+        if name == "text_encoder" and self.device.type != "meta":
+            part.register_forward_hook(lambda m, a, o: calls.__setitem__("text", calls["text"] + 1))
+        return part
+
+    monkeypatch.setattr(sd2.SD2, "load_model", counting_load)
+    monkeypatch.setattr(Parts, "component", counting_component)
     _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.1", "up_blocks.0"], timesteps=[101, 261, 501], ensemble=3)
     images = len(world["images"])
     assert calls["up_blocks.0"] == calls["up_blocks.1"] == images * 3  # one batched forward per (image, timestep)
@@ -262,3 +269,69 @@ def test_model_identity_tells_reinitialised_weights_apart(tmp_path):
     a, b, c = (make_tiny("tiny-sd2", tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     assert model_identity(str(a)) == model_identity(str(b)) != model_identity(str(c))
     assert model_identity("stabilityai/stable-diffusion-2-1") == "stabilityai/stable-diffusion-2-1"
+
+
+def test_a_half_precision_vae_that_gives_nan_encodes_that_image_in_float32(world):
+    """The SD-family VAEs can overflow in float16; such an image is encoded again in float32. Here a
+    bfloat16 VAE is made to give NaN (as an overflow would) and the result must be the float32 encoding."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.encode import posterior
+
+    model = world["sd3"][0]
+    pixels = _canvas(world, 1)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.bfloat16).eval()
+    upcast = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.bfloat16).to(torch.float32).eval()
+    reference = posterior(upcast, pixels, torch.device("cpu"), torch.float32)  # the same (rounded) weights
+    vae.encoder.register_forward_hook(lambda m, a, out: out * np.nan if out.dtype == torch.bfloat16 else out)
+    mean, std = posterior(vae, pixels, torch.device("cpu"), torch.bfloat16)
+    np.testing.assert_array_equal(mean, reference[0])
+    np.testing.assert_array_equal(std, reference[1])
+    assert vae.dtype == torch.bfloat16  # put back for the next image
+
+
+def test_values_beyond_float16_are_clipped_and_counted_never_inf(world, tmp_path, monkeypatch):
+    from pipeline.backbones.vae import VAELatent
+
+    real_run = VAELatent.run
+    monkeypatch.setattr(VAELatent, "run", lambda self, x, t, category: {
+        "latent": {"features": real_run(self, x, t, category)["latent"]["features"] * 1e5}})
+    model, latents = world["sd3"]
+    params = BackboneParams(kind="vae-sd3", model=model, latents=str(latents), layers=["latent"], timesteps=[0],
+                            ensemble=1, latent="mean", noise=False)
+    path = extract(params, "vae-sd3", latents, tmp_path / "v.zarr")
+    source, root = zarr.open_group(latents, mode="r"), zarr.open_group(path, mode="r")
+    clipped = kept = 0
+    for index in range(len(world["images"])):
+        expected = (source["posterior/mean"][index] - source.attrs["shift_factor"]) * source.attrs["scaling_factor"] * 1e5
+        clipped, kept = clipped + (np.abs(expected) > 65504).sum(), kept + (np.abs(expected) <= 65504).sum()
+        stored = root["latent/features"][index, 0]
+        assert np.isfinite(stored).all()
+        np.testing.assert_array_equal(stored, np.clip(expected, -65504, 65504).astype(np.float16))
+        assert root["latent/overflow"][index, 0] == int((np.abs(expected) > 65504).sum())
+    assert clipped > 0 and kept > 0  # both regimes are exercised
+    assert store.overflow(root) == {"latent": int(root["latent/overflow"][:].sum())}
+    assert "values clipped to float16's range (+-65504): latent " in store.describe(path)
+
+
+def test_offloading_the_denoiser_block_by_block_gives_the_same_store(world, tmp_path):
+    plain = _run(world, SD3, tmp_path / "plain.zarr")
+    offloaded = _run(world, SD3, tmp_path / "offloaded.zarr", offload="blocks")
+    assert store_files(plain) == store_files(offloaded)  # where the weights live is not in the fingerprint
+
+
+def test_extract_refuses_a_store_that_cannot_fit_on_its_disk(world, tmp_path, monkeypatch):
+    from pipeline import plan
+
+    monkeypatch.setattr(plan, "disk_free", lambda path: 999)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(PipelineError) as info:
+        _run(world, SD2, out)
+    # up_blocks.0/1/3 of tiny SD2 at 128 px: 4x4x32, 8x8x32, 16x16x8 in fp16, 2 timesteps, + an int64 count each
+    per_image = 2 * 2 * (4 * 4 * 32 + 8 * 8 * 32 + 16 * 16 * 8) + 2 * 3 * 8
+    assert str(info.value) == (f"{out}: disk: 6 images need {plan.human(6 * per_image)} (uncompressed) but 999 B are "
+                               "free there; free space, point `store:` elsewhere, or set `check_disk: false` to start anyway")
+    assert not out.exists()
+    model, latents = world["sd2"]
+    extract(replace(SD2, model=model, latents=str(latents)), "sd2", latents, out, check_disk=False)
+    assert store.done_mask(zarr.open_group(out, mode="r")).all()

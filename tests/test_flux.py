@@ -161,6 +161,8 @@ def test_forward_stops_before_the_deepest_layer(world, monkeypatch):
 
     def counting_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
+        if self.device.type == "meta":  # the disk check's size estimate
+            return
         for k in range(3):
             self.transformer.single_transformer_blocks[k].register_forward_hook(
                 lambda m, a, o, k=k: calls.__setitem__(f"single.{k}", calls[f"single.{k}"] + 1))

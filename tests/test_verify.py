@@ -25,7 +25,7 @@ def copy(demo_stores, tmp_path):
 def test_sound_store_passes(demo_stores, copy):
     problems, summary = verify(copy)
     assert problems == []
-    assert "features store, 30/30 images done, 2 layer(s), 6 arrays checked" in summary
+    assert "features store, 30/30 images done, 2 layer(s), 8 arrays checked" in summary  # features, shift, scale, overflow
     result = CliRunner().invoke(cli, ["verify", "--store", str(copy)])
     assert result.exit_code == 0 and result.output.strip().endswith("OK")
 

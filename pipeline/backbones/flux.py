@@ -31,13 +31,9 @@ at MAX_SEQUENCE_LENGTH tokens, both always loaded (the `t5` parameter is for sd3
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
-import torch.nn.functional as F
 
-from pipeline import hub
-from pipeline.backbones import Backbone, StopForward, flow_noised, until_captured
+from pipeline.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
 
 # FluxPipeline's default guidance_scale (FLUX.1-dev); fed to guidance-distilled transformers.
 GUIDANCE = 3.5
@@ -48,81 +44,48 @@ MAX_SEQUENCE_LENGTH = 512
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 
 
-@contextmanager
-def capture_inputs(model: torch.nn.Module, names: list[str], pick):
-    """Forward PRE-hooks on the modules `names`; fills a dict name -> pick(name, module, kwargs)
-    with what each module receives (called with keyword arguments, as FLUX's blocks are).
-
-    Once every name has fired, the hook raises StopForward before the last module runs; run the
-    model inside `until_captured`.
-    """
-    modules = dict(model.named_modules())
-    captured: dict[str, object] = {}
-
-    def hook_for(name):
-        def hook(module, args, kwargs):
-            captured[name] = pick(name, module, kwargs)
-            if len(captured) == len(names):
-                raise StopForward
-
-        return hook
-
-    handles = [modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True) for name in names]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def modulation(block: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift_msa, scale_msa) of the block's own AdaLN on its input: `norm1` for a double block
-    (AdaLayerNormZero, 6 chunks), `norm` for a single block (AdaLayerNormZeroSingle, 3 chunks)."""
-    linear = (block.norm1 if hasattr(block, "norm1") else block.norm).linear
-    chunks = linear(F.silu(temb)).chunk(linear.out_features // temb.shape[1], dim=1)
-    return chunks[0], chunks[1]
-
-
 class Flux(Backbone):
-    def __init__(self, params, latents_attrs, device, dtype):
-        super().__init__(params, latents_attrs, device, dtype)
-        hub.quiet()
+    def encode_prompts(self, prompts):
         from diffusers import FluxPipeline
 
-        self.pipe = hub.from_pretrained(FluxPipeline, params.model, dtype=dtype)
-        self.pipe.vae = None  # the latents store already holds the VAE's work
-        self.pipe.to(device)
-        self.transformer = self.pipe.transformer.eval()
+        names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        pipe = FluxPipeline(scheduler=None, vae=None, transformer=None,
+                            **{name: self.parts.component(name) for name in names})
+        return {category: pipe.encode_prompt(prompt, prompt_2=None, device=self.device,
+                                             max_sequence_length=MAX_SEQUENCE_LENGTH)
+                for category, prompt in prompts.items()}
+
+    def load_model(self):
+        self.transformer = self.parts.load(self.parts.component_class("transformer"), "transformer", denoiser=True)
         self.guidance = GUIDANCE if self.transformer.config.guidance_embeds else None
+
+    def canvas_multiple(self):
+        return VAE_FACTOR * 2  # latents are packed in 2x2 patches
 
     def available_layers(self):
         return ([f"{DOUBLE}.{i}" for i in range(len(self.transformer.transformer_blocks))]
                 + [f"{SINGLE}.{i}" for i in range(len(self.transformer.single_transformer_blocks))])
 
-    def encode_prompt(self, prompt):
-        embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt, prompt_2=None, device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
-        return embeds, pooled, text_ids
-
     def noised(self, x0, eps, t):
         return flow_noised(x0, eps, t)
 
     def run(self, x, t, category):
+        from diffusers import FluxPipeline
+
         embeds, pooled, text_ids = self.condition(category)
         batch, channels, h, w = x.shape
         grid = (h // 2, w // 2)
-        tokens = self.pipe._pack_latents(x, batch, channels, h, w)  # (E, h/2 * w/2, 4 * channels)
-        img_ids = self.pipe._prepare_latent_image_ids(batch, *grid, self.device, x.dtype)
+        tokens = FluxPipeline._pack_latents(x, batch, channels, h, w)  # (E, h/2 * w/2, 4 * channels)
+        img_ids = FluxPipeline._prepare_latent_image_ids(batch, *grid, self.device, x.dtype)
         n_image = grid[0] * grid[1]
 
         def pick(name, block, kwargs):
             image = kwargs["hidden_states"][:, -n_image:]  # image stream only
-            shift, scale = modulation(block, kwargs["temb"])
+            shift, scale = adaln_modulation(block.norm1 if hasattr(block, "norm1") else block.norm, kwargs["temb"])
             return {"features": image.reshape(batch, *grid, -1), "shift": shift, "scale": scale}
 
         guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=self.device)
-        with torch.no_grad(), capture_inputs(self.transformer, self.params.layers, pick) as captured:
+        with torch.no_grad(), capture(self.transformer, self.params.layers, pick, inputs=True) as captured:
             until_captured(lambda: self.transformer(
                 hidden_states=tokens, timestep=torch.full((batch,), t / 1000.0, device=self.device),
                 guidance=guidance, encoder_hidden_states=embeds.expand(batch, -1, -1),

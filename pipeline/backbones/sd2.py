@@ -1,39 +1,41 @@
 """Stable Diffusion 2.1 U-Net, DIFT preset: DDPM noise at integer t, prompt-conditioned U-Net,
-features are block outputs such as `up_blocks.1` (1280 channels at 1/16 of the canvas)."""
+features are block outputs such as `up_blocks.1` (1280 channels at 1/16 of the canvas).
+
+Components loaded: `tokenizer` and `text_encoder` (prompts, then freed), `unet`, `scheduler`.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from pipeline import hub
-from pipeline.backbones import Backbone, capture, until_captured
+from pipeline.backbones import VAE_FACTOR, Backbone, capture, until_captured
 
 
 class SD2(Backbone):
-    def __init__(self, params, latents_attrs, device, dtype):
-        super().__init__(params, latents_attrs, device, dtype)
-        hub.quiet()
+    def encode_prompts(self, prompts):
         from diffusers import StableDiffusionPipeline
 
-        self.pipe = hub.from_pretrained(
-            StableDiffusionPipeline, params.model, dtype=dtype, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+        pipe = StableDiffusionPipeline(
+            vae=None, text_encoder=self.parts.component("text_encoder"), tokenizer=self.parts.component("tokenizer"),
+            unet=None, scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        self.pipe.vae = None  # the latents store already holds the VAE's work
-        self.pipe.to(device)
-        self.unet = self.pipe.unet.eval()
+        return {category: pipe.encode_prompt(prompt, self.device, 1, False)[0] for category, prompt in prompts.items()}
+
+    def load_model(self):
+        self.scheduler = self.parts.component("scheduler")
+        self.unet = self.parts.load(self.parts.component_class("unet"), "unet", denoiser=True)
+
+    def canvas_multiple(self):
+        # The U-Net halves the latent once per down block but the last.
+        return VAE_FACTOR * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def available_layers(self) -> list[str]:
         unet = self.unet
         return ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
                 + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))])
 
-    def encode_prompt(self, prompt: str):
-        embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
-        return embeds
-
     def noised(self, x0, eps, t):
-        return self.pipe.scheduler.add_noise(x0, eps, torch.full((x0.shape[0],), t, dtype=torch.long))
+        return self.scheduler.add_noise(x0, eps, torch.full((x0.shape[0],), t, dtype=torch.long))
 
     def run(self, x, t, category):
         embeds = self.condition(category).expand(x.shape[0], -1, -1)

@@ -7,38 +7,49 @@ over the patch grid. Its output is the input of block k + 1, whose `norm1` modul
 `(1 + scale_msa) * LayerNorm(x) + shift_msa`; for the last block, `norm_out` does
 `(1 + scale) * LayerNorm(x) + shift`. Storing that (shift, scale) lets DiT fixes (LayerNorm,
 re-modulate, drop massive channels) run at match time, from cache.
+
+Components loaded: CLIP-L and CLIP-G (`text_encoder`, `text_encoder_2` and their tokenizers) and,
+with `t5: true`, T5-XXL (`text_encoder_3`), for the prompts, then freed; then `transformer`.
+Without T5, diffusers conditions on zeros in T5's place, as wide as the transformer's joint attention.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from types import SimpleNamespace
 
-from pipeline import hub
-from pipeline.backbones import Backbone, capture, flow_noised, until_captured
+import torch
+
+from pipeline.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
 
 
 class SD3(Backbone):
-    def __init__(self, params, latents_attrs, device, dtype):
-        super().__init__(params, latents_attrs, device, dtype)
-        hub.quiet()
+    def encode_prompts(self, prompts):
         from diffusers import StableDiffusion3Pipeline
 
-        no_t5 = {} if params.t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        self.pipe = hub.from_pretrained(StableDiffusion3Pipeline, params.model, dtype=dtype, **no_t5)
-        self.pipe.vae = None  # the latents store already holds the VAE's work
-        self.pipe.to(device)
-        self.transformer = self.pipe.transformer.eval()
+        names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        names += ["text_encoder_3", "tokenizer_3"] if self.params.t5 else []
+        components = {"transformer": None, "scheduler": None, "vae": None, "text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline(**components | {name: self.parts.component(name) for name in names})
+        if not self.params.t5:
+            # The zeros standing in for T5 are sized from the transformer's config, all diffusers reads of it here.
+            config = SimpleNamespace(**self.parts.config("transformer"))
+            object.__setattr__(pipe, "transformer", SimpleNamespace(config=config))
+        conditions = {}
+        for category, prompt in prompts.items():
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, prompt_3=None, device=self.device,
+                                                      do_classifier_free_guidance=False)
+            conditions[category] = (embeds, pooled)
+        return conditions
+
+    def load_model(self):
+        self.transformer = self.parts.load(self.parts.component_class("transformer"), "transformer", denoiser=True)
         self.patch = self.transformer.config.patch_size
+
+    def canvas_multiple(self):
+        return VAE_FACTOR * self.patch
 
     def available_layers(self):
         return [f"transformer_blocks.{i}" for i in range(len(self.transformer.transformer_blocks))]
-
-    def encode_prompt(self, prompt):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False
-        )
-        return embeds, pooled
 
     def noised(self, x0, eps, t):
         return flow_noised(x0, eps, t)
@@ -47,12 +58,9 @@ class SD3(Backbone):
         """(shift, scale) that the model applies to the output of `layer` next."""
         blocks = self.transformer.transformer_blocks
         k = int(layer.rsplit(".", 1)[1])
-        emb = F.silu(temb)
         if k + 1 < len(blocks):
-            linear = blocks[k + 1].norm1.linear
-            chunks = linear(emb).chunk(linear.out_features // temb.shape[1], dim=1)
-            return chunks[0], chunks[1]  # shift_msa, scale_msa
-        scale, shift = self.transformer.norm_out.linear(emb).chunk(2, dim=1)
+            return adaln_modulation(blocks[k + 1].norm1, temb)  # shift_msa, scale_msa
+        scale, shift = self.transformer.norm_out.linear(torch.nn.functional.silu(temb)).chunk(2, dim=1)
         return shift, scale
 
     def run(self, x, t, category):

@@ -5,28 +5,26 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import hub
-from pipeline.backbones import Backbone, flow_noised
+from pipeline.backbones import VAE_FACTOR, Backbone, flow_noised
 from pipeline.errors import PipelineError
 
 
 class VAELatent(Backbone):
-    def __init__(self, params, latents_attrs, device, dtype):
-        super().__init__(params, latents_attrs, device, dtype)
+    def __init__(self, params, latents_attrs, parts, categories=()):
         if latents_attrs.get("model") != params.model:
             raise PipelineError("params.yaml", "model", f"{params.kind} names {params.model!r} but its latents were "
                                 f"encoded with {latents_attrs.get('model')!r}")
-        self.scheduler = None
-        if params.kind == "vae-sd2" and params.noise:
-            from diffusers import DDIMScheduler
+        super().__init__(params, latents_attrs, parts, categories)
 
-            self.scheduler = hub.from_pretrained(DDIMScheduler, params.model, subfolder="scheduler")
+    def load_model(self):
+        # SD2's latents are noised with its DDIM schedule; SD3's with rectified flow (no scheduler).
+        self.scheduler = self.parts.component("scheduler") if self.params.kind == "vae-sd2" and self.params.noise else None
+
+    def canvas_multiple(self):
+        return VAE_FACTOR
 
     def available_layers(self):
         return ["latent"]
-
-    def encode_prompt(self, prompt):
-        return None
 
     def noised(self, x0, eps, t):
         if self.scheduler is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import hub
 from pipeline.backbones import Backbone, capture, until_captured
 from pipeline.errors import PipelineError
 
@@ -20,30 +19,27 @@ NORMALISATION = {
 
 
 class ViT(Backbone):
-    def __init__(self, params, latents_attrs, device, dtype):
-        super().__init__(params, latents_attrs, device, dtype)
+    def __init__(self, params, latents_attrs, parts, categories=()):
         if params.noise:
             raise PipelineError("params.yaml", "noise", f"{params.kind} takes clean images; set noise: false")
-        hub.quiet()
+        super().__init__(params, latents_attrs, parts, categories)
+        mean, std = NORMALISATION[params.kind]
+        self.mean = torch.tensor(mean, device=self.device, dtype=self.dtype)[:, None, None]
+        self.std = torch.tensor(std, device=self.device, dtype=self.dtype)[:, None, None]
+        self.prefix = "encoder.layer" if params.kind == "dinov2" else "encoder.layers"
+
+    def load_model(self):
         from transformers import CLIPVisionModel, Dinov2Model
 
-        cls = Dinov2Model if params.kind == "dinov2" else CLIPVisionModel
-        self.model = hub.from_pretrained(cls, params.model, dtype=dtype).to(device).eval()
+        self.model = self.parts.load(Dinov2Model if self.params.kind == "dinov2" else CLIPVisionModel)
         self.patch = self.model.config.patch_size
-        if latents_attrs["canvas"] % self.patch:
-            raise PipelineError("params.yaml", "canvas", f"{latents_attrs['canvas']} is not a multiple of the "
-                                f"{self.patch}-px patches of {params.model}")
-        mean, std = NORMALISATION[params.kind]
-        self.mean = torch.tensor(mean, device=device, dtype=dtype)[:, None, None]
-        self.std = torch.tensor(std, device=device, dtype=dtype)[:, None, None]
-        self.prefix = "encoder.layer" if params.kind == "dinov2" else "encoder.layers"
+
+    def canvas_multiple(self):
+        return self.patch
 
     def available_layers(self):
         count = self.model.config.num_hidden_layers
         return [f"{self.prefix}.{i}" for i in range(count)]
-
-    def encode_prompt(self, prompt):
-        return None
 
     def noised(self, x0, eps, t):
         return x0

@@ -1,0 +1,367 @@
+"""What a params file will cost, before the first GPU second (`python cli.py plan`).
+
+- Stored bytes are exact: every backbone is built from its config files on the meta device (no
+  weights, no memory) and run through the same capture path as extraction, which gives the shape of
+  every stored array; times the stored dtype (float16 features, shift and scale; int64 overflow
+  counts; float32 latents). Zarr's compression only lowers them.
+- Downloads: the parameters of the components the stages load (pipeline/models.py), counted on the
+  meta device, times the precision of the repository's weight files.
+- GPU memory: the weights on the device at one time (text encoders, then the denoiser: never both)
+  plus an activation estimate: the largest tensor an op produces in the meta forward, times the
+  ensemble, times 3 (an op's input, its output and one temporary alive together). Attention kernels
+  are fused on CUDA, so their score matrices are not counted.
+- Time: FLOPs counted on the meta forward (torch's FlopCounterMode) over an effective rate: measured
+  by `benchmarks/realsize.py` on the same device type (benchmarks/results/realsize-<device>.json), or
+  else DIFT's published figure (203 ms per 768-px image on an A6000, SD2.1 to up_blocks.1, ensemble 8)
+  applied as a FLOP rate. Matching: pairs x variants x the seconds per pair of benchmarks/match.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.config import BackboneParams, EncoderParams, Params
+from pipeline.errors import PipelineError
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+DIFT_SECONDS = 0.203  # DIFT paper: SD2.1, 768 px, up_blocks.1, t=261, ensemble 8, one A6000
+MATCH_SECONDS_PER_PAIR = 0.038  # benchmarks/match.py, `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
+SPAIR_TEST_PAIRS_PER_IMAGE = 12234 / 1800  # SPair-71k test: 12,234 pairs over its 1,800 images
+ACTIVATION_FACTOR = 3
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+TEXT_COMPONENTS = {"sd2": ["text_encoder"], "sd3": ["text_encoder", "text_encoder_2"],
+                   "flux": ["text_encoder", "text_encoder_2"]}
+DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
+
+
+# ---- config files -------------------------------------------------------------------------------
+
+def model_configs(model: str, params: Params | None = None) -> Path:
+    """A folder of config files for `model` (a folder or hub id as backbones name it): the folder itself
+    once it exists, else what its `models:` entry will produce."""
+    from pipeline import realsize, tiny_models
+
+    folder = Path(model)
+    if (folder / "model_index.json").exists() or (folder / "config.json").exists():
+        return folder
+    source = model
+    if params is not None and folder.parent == Path("models") and folder.name in params.models:
+        source = params.models[folder.name].source
+    if source in tiny_models.TINY_BUILDERS:
+        return _tiny_configs(source)
+    configs = realsize.configs_for(source)
+    if configs is None:
+        raise PipelineError(model, None, "no config files known for this model: run its model stage first "
+                                         "(`dvc repro model@<name>`), or name a local pipeline folder")
+    return configs
+
+
+@functools.cache
+def _tiny_configs(source: str) -> Path:
+    from pipeline import tiny_models
+
+    return tiny_models.make_tiny(source, Path(tempfile.mkdtemp(prefix="plan-")) / source)
+
+
+def latent_channels(encoder: EncoderParams, params: Params | None = None) -> int:
+    if encoder.kind == "pixels":
+        return 3
+    return int(json.loads((model_configs(encoder.model, params) / "vae" / "config.json").read_text())["latent_channels"])
+
+
+# ---- the meta-device run ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MetaRun:
+    shapes: dict[tuple[str, str], tuple[int, ...]]  # (layer, array) -> shape of one image at one timestep
+    flops: int  # one forward pass of one ensemble member
+    largest_activation: int  # bytes of the largest tensor an op produced, one ensemble member
+    text_parameters: int
+    denoiser_parameters: int
+    resident_parameters: int  # on the device under `offload: blocks`: the largest block and what is in no block
+
+
+def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> MetaRun:
+    """Build `backbone` from `configs` on the meta device and run one image, one member, one timestep."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.backbones import ConfigParts, make_backbone
+    from pipeline.extract import layer_tensors
+
+    one = dataclasses.replace(backbone, ensemble=1, timesteps=backbone.timesteps[:1])
+    parts = ConfigParts(configs)
+    model = make_backbone(one, {**latents_attrs, "model": backbone.model}, parts, ["plan"])
+    model.check_layers(backbone.layers)
+    side = latents_attrs["canvas"] // 8 if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
+    latent = torch.zeros(latents_attrs["latent_channels"], side, side)
+    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest:
+        tensors = layer_tensors(one, model, "plan/x", "plan", latent, latent, one.timesteps[0])
+    denoiser = next((m for m in vars(model).values() if isinstance(m, torch.nn.Module)), None)
+    blocks = [block for module in (denoiser.children() if denoiser is not None else [])
+              if isinstance(module, torch.nn.ModuleList) for block in module]
+    block_sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    total = sum(p.numel() for p in denoiser.parameters()) if denoiser is not None else 0
+    return MetaRun(
+        shapes={key: tuple(value.shape) for key, value in tensors.items()}, flops=int(flops.get_total_flops()),
+        largest_activation=largest.bytes, text_parameters=sum(parameters(parts, c) for c in text_components(backbone)),
+        denoiser_parameters=total, resident_parameters=total - sum(block_sizes) + max(block_sizes, default=0),
+    )
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the largest tensor any op produces, attention's internals left out: on CUDA
+    scaled_dot_product_attention runs fused kernels that never hold the score matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self._in_attention = 0, 0
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        self._sdpa = F.scaled_dot_product_attention
+
+        def fused(*args, **kwargs):
+            self._in_attention += 1
+            try:
+                out = self._sdpa(*args, **kwargs)
+            finally:
+                self._in_attention -= 1
+            self._record(out)
+            return out
+
+        F.scaled_dot_product_attention = fused
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.scaled_dot_product_attention = self._sdpa
+        return super().__exit__(*exc)
+
+    def _record(self, out):
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(tensor, torch.Tensor):
+                self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._in_attention:
+            self._record(out)
+        return out
+
+
+def text_components(backbone: BackboneParams) -> list[str]:
+    return TEXT_COMPONENTS.get(backbone.kind, []) + (["text_encoder_3"] if backbone.kind == "sd3" and backbone.t5 else [])
+
+
+def parameters(parts, component: str | None) -> int:
+    """Parameters of one component built on the meta device (0 for tokenizers and schedulers)."""
+    if component is None:  # a single transformers model (DINOv2, CLIP's vision tower)
+        from transformers import CLIPVisionModel, Dinov2Model
+
+        cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPVisionModel
+    else:
+        cls = parts.component_class(component)
+    if not issubclass(cls, torch.nn.Module):
+        return 0
+    return sum(p.numel() for p in parts.load(cls, component).parameters())
+
+
+def latents_attrs_for(encoder: EncoderParams, params: Params | None = None) -> dict:
+    return {"canvas": encoder.canvas, "encoder": "pixels" if encoder.kind == "pixels" else "vae",
+            "scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": latent_channels(encoder, params)}
+
+
+def stored_bytes(run: MetaRun, timesteps: int) -> int:
+    """Bytes of one image in a features store: float16 arrays, plus an int64 overflow count per layer."""
+    arrays = sum(2 * _numel(shape) for shape in run.shapes.values())
+    layers = len({layer for layer, _ in run.shapes})
+    return timesteps * (arrays + 8 * layers)
+
+
+def features_bytes_per_image(backbone: BackboneParams, latents_attrs: dict, params: Params | None = None) -> int:
+    run = meta_run(backbone, latents_attrs, model_configs(backbone.model, params))
+    return stored_bytes(run, len(backbone.timesteps))
+
+
+def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
+    side = encoder.canvas if encoder.kind == "pixels" else encoder.canvas // 8
+    return 2 * side * side * channels * 4  # mean and std, float32
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---- disk ---------------------------------------------------------------------------------------
+
+def disk_free(path: str | Path) -> int:
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_disk(out: str | Path, needed: int, images: int) -> None:
+    """Refuse to start a store that cannot fit (`check_disk: false` in params.yaml overrides)."""
+    free = disk_free(out)
+    if needed > free:
+        raise PipelineError(out, "disk", f"{images} images need {human(needed)} (uncompressed) but {human(free)} "
+                                         "are free there; free space, point `store:` elsewhere, or set "
+                                         "`check_disk: false` to start anyway")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+# ---- rates --------------------------------------------------------------------------------------
+
+def measured_rates(device: str) -> dict[str, float]:
+    """kind -> FLOP/s measured by benchmarks/realsize.py on this device type, if it ran."""
+    path = RESULTS / f"realsize-{device}.json"
+    if not path.exists():
+        return {}
+    return {kind: row["flops_per_second"] for kind, row in json.loads(path.read_text())["backbones"].items()}
+
+
+@functools.cache
+def dift_rate() -> float:
+    """FLOP/s that DIFT's published timing implies: SD2.1 to up_blocks.1 at 768 px, ensemble 8."""
+    from pipeline import realsize
+
+    sd2 = realsize.CONFIGS / "sd2-1"
+    params = BackboneParams(kind="sd2", model=str(sd2), latents="-", layers=["up_blocks.1"], timesteps=[261])
+    run = meta_run(params, {"canvas": 768, "encoder": "vae", "scaling_factor": 1.0, "latent_channels": 4}, sd2)
+    return run.flops * 8 / DIFT_SECONDS
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+def make_plan(params: Params, images: int | None = None, pairs: int | None = None) -> dict:
+    import pandas as pd
+
+    if images is None:
+        if not Path(params.data.images).exists():
+            raise PipelineError(params.data.images, None, "no prepared images table yet: run `dvc repro prepare`, "
+                                                          "or estimate with --images N")
+        images = len(pd.read_parquet(params.data.images, columns=["image"]))
+    if pairs is None:
+        pairs = (len(pd.read_parquet(params.data.pairs, columns=["pair"])) if Path(params.data.pairs).exists()
+                 else round(images * SPAIR_TEST_PAIRS_PER_IMAGE))
+    stores, gpu, seconds, runs = [], [], [], {}
+    for name, encoder in params.encoders.items():
+        attrs = latents_attrs_for(encoder, params)
+        per_image = latents_bytes_per_image(encoder, attrs["latent_channels"])
+        stores.append({"name": f"latents/{name}", "kind": "latents", "bytes_per_image": per_image, "images": images,
+                       "bytes": per_image * images})
+        if encoder.kind == "vae":
+            memory, flops = _vae_cost(encoder, params)
+            gpu.append({"stage": f"encode@{name}", "device": encoder.device, "bytes": memory})
+            seconds.append(_seconds(f"encode@{name}", encoder.device, "vae", flops * images))
+    for name, backbone in params.backbones.items():
+        encoder = params.encoder(backbone.latents)
+        run = meta_run(backbone, latents_attrs_for(encoder, params), model_configs(backbone.model, params))
+        runs[name] = run
+        per_image = stored_bytes(run, len(backbone.timesteps))
+        stores.append({"name": name, "kind": "features", "bytes_per_image": per_image, "images": images,
+                       "bytes": per_image * images})
+        width = BYTES[backbone.dtype]
+        resident = (run.resident_parameters if backbone.offload == "blocks" else run.denoiser_parameters) * width
+        denoiser = resident + ACTIVATION_FACTOR * backbone.ensemble * run.largest_activation
+        gpu.append({"stage": f"extract@{name}", "device": backbone.device,
+                    "bytes": max(run.text_parameters * width, denoiser),
+                    "text_encoders": run.text_parameters * width, "denoiser": denoiser})
+        seconds.append(_seconds(f"extract@{name}", backbone.device, backbone.kind,
+                                run.flops * backbone.ensemble * len(backbone.timesteps) * images))
+    for name, backbone in params.backbones.items():
+        variants = len(backbone.layers) * len(backbone.timesteps) * len(params.match.transforms_for(name))
+        seconds.append({"stage": f"match@{name}", "device": "cpu", "seconds": pairs * variants * MATCH_SECONDS_PER_PAIR,
+                        "basis": f"{pairs} pairs x {variants} variants x {MATCH_SECONDS_PER_PAIR * 1000:.0f} ms "
+                                 "(benchmarks/match.py, 2 CPU cores)"})
+    total = sum(store["bytes"] for store in stores)
+    return {"images": images, "pairs": pairs, "stores": stores, "total_bytes": total,
+            "disk_free": disk_free(params.store), "downloads": downloads(params), "gpu_memory": gpu, "time": seconds}
+
+
+def _vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.backbones import ConfigParts
+
+    parts = ConfigParts(model_configs(encoder.model, params))
+    vae = parts.load(parts.component_class("vae"), "vae")
+    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest, torch.no_grad():
+        vae.encode(torch.zeros(1, 3, encoder.canvas, encoder.canvas, device="meta", dtype=parts.dtype))
+    weights = sum(p.numel() for p in vae.parameters()) * BYTES[encoder.dtype]
+    return weights + ACTIVATION_FACTOR * largest.bytes, int(flops.get_total_flops())
+
+
+def _seconds(stage: str, device: str, kind: str, flops: float) -> dict:
+    if not flops:
+        return {"stage": stage, "device": device, "seconds": 0.0, "basis": "no model runs (reads the latents)"}
+    device_type = "cuda" if device.startswith("cuda") or device == "auto" else "cpu"
+    measured = measured_rates(device_type).get(kind)
+    if measured:
+        return {"stage": stage, "device": device_type, "seconds": flops / measured,
+                "basis": f"FLOPs at the rate benchmarks/realsize.py measured for {kind} on {device_type}"}
+    if device_type == "cpu":
+        return {"stage": stage, "device": "cpu", "seconds": None,
+                "basis": "unknown: run benchmarks/realsize.py on this machine"}
+    return {"stage": stage, "device": "cuda", "seconds": flops / dift_rate(),
+            "basis": "FLOPs at the rate of DIFT's 203 ms per image on an A6000"}
+
+
+def downloads(params: Params) -> list[dict]:
+    """Bytes each `model@` stage fetches: the parameters of the components the stages load, in the
+    precision of the repository's weight files."""
+    from pipeline import models, realsize
+    from pipeline.backbones import ConfigParts
+
+    rows = []
+    for name, model in params.models.items():
+        hub = realsize.REAL_MODELS.get(realsize.MOVED.get(model.source, model.source))
+        if hub is None:  # built here (tiny, realsize) or unknown
+            rows.append({"model": name, "source": model.source, "bytes": 0})
+            continue
+        parts = ConfigParts(realsize.CONFIGS / hub.folder)
+        needed = models.components(params, name)
+        count = sum(parameters(parts, component) for component in needed) if needed else parameters(parts, None)
+        rows.append({"model": name, "source": model.source, "revision": model.revision, "gated": hub.gated,
+                     "components": needed, "bytes": count * BYTES[hub.weights_dtype]})
+    return rows
+
+
+def format_plan(plan: dict) -> str:
+    from tabulate import tabulate
+
+    h = human
+    lines = [f"{plan['images']} images, {plan['pairs']} pairs", ""]
+    lines.append(tabulate([[s["name"], h(s["bytes_per_image"]), s["images"], h(s["bytes"])] for s in plan["stores"]],
+                          headers=["store", "per image", "images", "bytes"]))
+    fits = "fits" if plan["total_bytes"] <= plan["disk_free"] else "DOES NOT FIT"
+    lines += ["", f"stores in all: {h(plan['total_bytes'])}; free on the store's disk: {h(plan['disk_free'])} ({fits})", ""]
+    lines.append(tabulate([[d["model"], d["source"], h(d["bytes"]), "yes" if d.get("gated") else ""]
+                           for d in plan["downloads"]], headers=["model", "source", "download", "gated"]))
+    lines.append("")
+    lines.append(tabulate([[g["stage"], g["device"], h(g["bytes"])] for g in plan["gpu_memory"]],
+                          headers=["stage", "device", "peak memory (est.)"]))
+    lines.append("")
+    lines.append(tabulate([[t["stage"], t["device"], "?" if t["seconds"] is None else f"{t['seconds'] / 3600:.2f}",
+                            t["basis"]] for t in plan["time"]], headers=["stage", "device", "hours", "basis"]))
+    return "\n".join(lines)
