@@ -68,8 +68,10 @@ def main() -> None:
 
     profile = load_params(PROFILE)
     for name, model in profile.models.items():
-        print(f"model {name}: {model.source}", flush=True)
-        materialise(model.source, args.models / name, model.seed)
+        folder = args.models / name
+        if not ((folder / "model_index.json").exists() or (folder / "config.json").exists()):
+            print(f"building {folder} ({model.source})", flush=True)
+            materialise(model.source, folder, model.seed)
 
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +86,7 @@ def main() -> None:
                 _, flops = plan._vae_cost(encoder, params)
                 rates["vae"] = {"flops_per_second": flops / per_image}
             rows.append({"stage": f"encode@{name}", "s/image": per_image, "process s": seconds, "peak RSS GiB": rss / 2**30,
-                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else None,
+                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else float("nan"),
                          "MB/image on disk": store.size_on_disk(path) / len(table) / 1e6,
                          "MB/image planned": plan.latents_bytes_per_image(encoder, plan.latent_channels(encoder, params)) / 1e6})
             print(rows[-1], flush=True)
@@ -99,7 +101,7 @@ def main() -> None:
             if flops:
                 rates[backbone.kind] = {"flops_per_second": flops / per_image}
             rows.append({"stage": f"extract@{name}", "s/image": per_image, "process s": seconds, "peak RSS GiB": rss / 2**30,
-                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else None,
+                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else float("nan"),
                          "MB/image on disk": store.size_on_disk(path) / len(table) / 1e6,
                          "MB/image planned": plan.stored_bytes(run, len(backbone.timesteps)) / 1e6})
             print(rows[-1], flush=True)

@@ -118,7 +118,8 @@ def _fetch(url: str, archive: Path) -> None:
             return _fetch(url, archive)
         raise PipelineError(url, None, f"HTTP {exc.code} {_why(exc)}") from None
     except OSError as exc:
-        raise PipelineError(url, None, f"cannot connect ({_why(exc)}); run again once the server is reachable") from None
+        raise PipelineError(url, None, f"cannot connect ({_why(exc)}); run again once the server is reachable, or "
+                                       f"put the archive (fetched elsewhere) at {archive} and run again") from None
     with response:
         if response.status != 206:
             offset = 0  # the server ignored Range: it sends the whole file, so start over

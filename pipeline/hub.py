@@ -30,13 +30,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def quiet() -> None:
-    """Our progress bars report progress; the libraries' loading bars and advice are noise here."""
+    """Our progress bars report progress; the libraries' loading bars, advice and retry warnings are noise
+    here (a failure is reported once, in one line)."""
     import diffusers.utils.logging
+    import huggingface_hub.utils.logging
     import transformers.utils.logging
 
     for logging in (diffusers.utils.logging, transformers.utils.logging):
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def from_pretrained(cls, model: str, subfolder: str | None = None, revision: str | None = None, **kwargs):

@@ -103,7 +103,7 @@ def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> Me
     latent = torch.zeros(latents_attrs["latent_channels"], side, side)
     with FlopCounterMode(display=False) as flops, _LargestOutput() as largest:
         tensors = layer_tensors(one, model, "plan/x", "plan", latent, latent, one.timesteps[0])
-    denoiser = next((m for m in vars(model).values() if isinstance(m, torch.nn.Module)), None)
+    denoiser = model.denoiser()
     blocks = [block for module in (denoiser.children() if denoiser is not None else [])
               if isinstance(module, torch.nn.ModuleList) for block in module]
     block_sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]

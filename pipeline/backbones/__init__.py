@@ -211,6 +211,10 @@ class Backbone:
         """The canvas side must be a multiple of this (the VAE's factor times what the model needs)."""
         raise NotImplementedError
 
+    def denoiser(self) -> torch.nn.Module | None:
+        """The network that makes the features (None for the VAE latents themselves)."""
+        return None
+
     def available_layers(self) -> list[str]:
         raise NotImplementedError
 

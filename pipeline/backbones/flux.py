@@ -59,6 +59,9 @@ class Flux(Backbone):
         self.transformer = self.parts.load(self.parts.component_class("transformer"), "transformer", denoiser=True)
         self.guidance = GUIDANCE if self.transformer.config.guidance_embeds else None
 
+    def denoiser(self):
+        return self.transformer
+
     def canvas_multiple(self):
         return VAE_FACTOR * 2  # latents are packed in 2x2 patches
 

@@ -25,6 +25,9 @@ class SD2(Backbone):
         self.scheduler = self.parts.component("scheduler")
         self.unet = self.parts.load(self.parts.component_class("unet"), "unet", denoiser=True)
 
+    def denoiser(self):
+        return self.unet
+
     def canvas_multiple(self):
         # The U-Net halves the latent once per down block but the last.
         return VAE_FACTOR * 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -45,6 +45,9 @@ class SD3(Backbone):
         self.transformer = self.parts.load(self.parts.component_class("transformer"), "transformer", denoiser=True)
         self.patch = self.transformer.config.patch_size
 
+    def denoiser(self):
+        return self.transformer
+
     def canvas_multiple(self):
         return VAE_FACTOR * self.patch
 

@@ -34,6 +34,9 @@ class ViT(Backbone):
         self.model = self.parts.load(Dinov2Model if self.params.kind == "dinov2" else CLIPVisionModel)
         self.patch = self.model.config.patch_size
 
+    def denoiser(self):
+        return self.model
+
     def canvas_multiple(self):
         return self.patch
 
