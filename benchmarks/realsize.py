@@ -58,6 +58,14 @@ def project(base: Path, models: Path, images: int, device: str) -> Path:
     return base / "params.yaml"
 
 
+def _row(stage: str, path: Path, table: pd.DataFrame, seconds: float, rss: int, planned: int, device: str) -> dict:
+    per_image = table["seconds"].median()
+    return {"stage": stage, "s/image": per_image, "images/s": 1 / per_image, "process s": seconds,
+            "peak RSS GiB": rss / 2**30,
+            "peak GPU GiB": table["peak_memory"].max() / 2**30 if device == "cuda" else float("nan"),
+            "MB/image on disk": store.size_on_disk(path) / len(table) / 1e6, "MB/image planned": planned / 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -83,12 +91,10 @@ def main() -> None:
             table = store.read_images(zarr.open_group(path, mode="r"))
             per_image = table["seconds"].median()
             if encoder.kind == "vae":
-                _, flops = plan._vae_cost(encoder, params)
+                _, flops = plan.vae_cost(encoder, params)
                 rates["vae"] = {"flops_per_second": flops / per_image}
-            rows.append({"stage": f"encode@{name}", "s/image": per_image, "process s": seconds, "peak RSS GiB": rss / 2**30,
-                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else float("nan"),
-                         "MB/image on disk": store.size_on_disk(path) / len(table) / 1e6,
-                         "MB/image planned": plan.latents_bytes_per_image(encoder, plan.latent_channels(encoder, params)) / 1e6})
+            planned = plan.latents_bytes_per_image(encoder, plan.latent_channels(encoder, params))
+            rows.append(_row(f"encode@{name}", path, table, seconds, rss, planned, args.device))
             print(rows[-1], flush=True)
         for name, backbone in params.backbones.items():
             seconds, rss = stage("extract", "--params", str(params_file), "--backbone", name, cwd=REPO)
@@ -100,10 +106,8 @@ def main() -> None:
             flops = run.flops * backbone.ensemble * len(backbone.timesteps)
             if flops:
                 rates[backbone.kind] = {"flops_per_second": flops / per_image}
-            rows.append({"stage": f"extract@{name}", "s/image": per_image, "process s": seconds, "peak RSS GiB": rss / 2**30,
-                         "peak GPU GiB": table["peak_memory"].max() / 2**30 if args.device == "cuda" else float("nan"),
-                         "MB/image on disk": store.size_on_disk(path) / len(table) / 1e6,
-                         "MB/image planned": plan.stored_bytes(run, len(backbone.timesteps)) / 1e6})
+            planned = plan.stored_bytes(run, len(backbone.timesteps))
+            rows.append(_row(f"extract@{name}", path, table, seconds, rss, planned, args.device))
             print(rows[-1], flush=True)
 
     frame = pd.DataFrame(rows)

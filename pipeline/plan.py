@@ -271,7 +271,7 @@ def make_plan(params: Params, images: int | None = None, pairs: int | None = Non
         stores.append({"name": f"latents/{name}", "kind": "latents", "bytes_per_image": per_image, "images": images,
                        "bytes": per_image * images})
         if encoder.kind == "vae":
-            memory, flops = _vae_cost(encoder, params)
+            memory, flops = vae_cost(encoder, params)
             gpu.append({"stage": f"encode@{name}", "device": encoder.device, "bytes": memory})
             seconds.append(_seconds(f"encode@{name}", encoder.device, "vae", flops * images))
     for name, backbone in params.backbones.items():
@@ -299,7 +299,7 @@ def make_plan(params: Params, images: int | None = None, pairs: int | None = Non
             "disk_free": disk_free(params.store), "downloads": downloads(params), "gpu_memory": gpu, "time": seconds}
 
 
-def _vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
+def vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.backbones import ConfigParts
