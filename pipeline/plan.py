@@ -253,18 +253,20 @@ def dift_rate() -> float:
 
 # ---- the plan -----------------------------------------------------------------------------------
 
-def make_plan(params: Params, images: int | None = None, pairs: int | None = None) -> dict:
-    import pandas as pd
+def make_plan(params: Params, images: int | None = None) -> dict:
+    """The plan of `params` for the prepared split, or for `images` images (pairs then estimated at
+    SPair-71k test's ratio: a prepared table may belong to another profile)."""
+    import pyarrow.parquet as pq
 
     if images is None:
         if not Path(params.data.images).exists():
             raise PipelineError(params.data.images, None, "no prepared images table yet: run `dvc repro prepare`, "
                                                           "or estimate with --images N")
-        images = len(pd.read_parquet(params.data.images, columns=["image"]))
-    if pairs is None:
-        pairs = (len(pd.read_parquet(params.data.pairs, columns=["pair"])) if Path(params.data.pairs).exists()
-                 else round(images * SPAIR_TEST_PAIRS_PER_IMAGE))
-    stores, gpu, seconds, runs = [], [], [], {}
+        images = pq.ParquetFile(params.data.images).metadata.num_rows
+        pairs = pq.ParquetFile(params.data.pairs).metadata.num_rows
+    else:
+        pairs = round(images * SPAIR_TEST_PAIRS_PER_IMAGE)
+    stores, gpu, seconds = [], [], []
     for name, encoder in params.encoders.items():
         attrs = latents_attrs_for(encoder, params)
         per_image = latents_bytes_per_image(encoder, attrs["latent_channels"])
@@ -277,7 +279,6 @@ def make_plan(params: Params, images: int | None = None, pairs: int | None = Non
     for name, backbone in params.backbones.items():
         encoder = params.encoder(backbone.latents)
         run = meta_run(backbone, latents_attrs_for(encoder, params), model_configs(backbone.model, params))
-        runs[name] = run
         per_image = stored_bytes(run, len(backbone.timesteps))
         stores.append({"name": name, "kind": "features", "bytes_per_image": per_image, "images": images,
                        "bytes": per_image * images})

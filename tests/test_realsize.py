@@ -86,7 +86,7 @@ def test_parameter_counts_match_the_published_sizes(real):
 def test_plan_of_the_real_profile_matches_the_shape_arithmetic(real):
     result = CliRunner().invoke(cli, ["plan", "--params", str(PROFILE), "--images", "1800", "--json"])
     assert result.exit_code == 0, result.output
-    plan_json = json.loads(result.output[result.output.index("{"):])
+    plan_json = json.loads(result.output)  # nothing but the JSON on stdout
     stores = {row["name"]: row for row in plan_json["stores"]}
     arithmetic = {  # DESIGN.md: bytes per image, fp16
         "sd3": 24 * 1536 * 48 * 48 * 2,  # 170 MB
@@ -98,7 +98,7 @@ def test_plan_of_the_real_profile_matches_the_shape_arithmetic(real):
         assert stores[name]["images"] == 1800 and stores[name]["bytes"] == 1800 * stores[name]["bytes_per_image"]
     assert round(stores["sd3"]["bytes"] / 1e9) == 306
     assert plan_json["total_bytes"] == sum(row["bytes"] for row in plan_json["stores"])
-    assert plan_json["disk_free"] > 0
+    assert plan_json["disk_free"] > 0 and plan_json["pairs"] == round(1800 * 12234 / 1800)
     downloads = {row["model"]: row for row in plan_json["downloads"]}
     assert downloads["sd3-medium"]["gated"] and downloads["flux-dev"]["gated"]
     assert "text_encoder_3" not in downloads["sd3-medium"]["components"]  # the profile drops T5 for SD3
