@@ -99,7 +99,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     if check_disk:
         from pipeline import plan
 
-        pending = len(table) - store.done_count(out)
+        pending = store.pending_count(out, determinants, len(table))
         plan.check_disk(out, plan.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
     skipped = []
     with store.writer_lock(out), store.writing(out):

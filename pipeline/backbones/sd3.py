@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
+from pipeline.backbones import (VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, linear_on,
+                                until_captured)
 
 
 class SD3(Backbone):
@@ -63,7 +64,7 @@ class SD3(Backbone):
         k = int(layer.rsplit(".", 1)[1])
         if k + 1 < len(blocks):
             return adaln_modulation(blocks[k + 1].norm1, temb)  # shift_msa, scale_msa
-        scale, shift = self.transformer.norm_out.linear(torch.nn.functional.silu(temb)).chunk(2, dim=1)
+        scale, shift = linear_on(self.transformer.norm_out.linear, torch.nn.functional.silu(temb)).chunk(2, dim=1)
         return shift, scale
 
     def run(self, x, t, category):
