@@ -92,17 +92,16 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     latents_attrs = dict(latents.attrs)
     images = store.read_images(latents)
     categories = sorted(images["category"].unique())
+    determinants = _determinants(params, latents_attrs)
     if check_disk:
         from pipeline import plan
 
-        pending = store.pending_count(out, _determinants(params, latents_attrs), len(images))
-        plan.check_store_fits(out, params, latents_attrs, pending)
+        plan.check_store_fits(out, params, latents_attrs, store.pending_count(out, determinants, len(images)))
     if client is None:
         _backbone(params, latents_attrs, categories)  # refuse unknown layers before touching the store
     else:
         client.submit(_backbone_loads, params, latents_attrs, categories, pure=False).result()
 
-    determinants = _determinants(params, latents_attrs)
     attrs = {
         "kind": "features", "name": name, "backbone": params.kind, "model": params.model,
         "preprocessing": {"canvas": latents_attrs["canvas"], "canvas_mode": latents_attrs["canvas_mode"],
