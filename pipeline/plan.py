@@ -36,7 +36,6 @@ DIFT_SECONDS = 0.203  # DIFT paper: SD2.1, 768 px, up_blocks.1, t=261, ensemble 
 MATCH_SECONDS_PER_PAIR = 0.038  # benchmarks/match.py, `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
 SPAIR_TEST_PAIRS_PER_IMAGE = 12234 / 1800  # SPair-71k test: 12,234 pairs over its 1,800 images
 ACTIVATION_FACTOR = 3
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TEXT_COMPONENTS = {"sd2": ["text_encoder"], "sd3": ["text_encoder", "text_encoder_2"],
                    "flux": ["text_encoder", "text_encoder_2"]}
 DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
@@ -375,7 +374,7 @@ def downloads(params: Params) -> list[dict]:
         needed = models.components(params, name)
         count = sum(parameters(parts, component) for component in needed) if needed else parameters(parts, None)
         rows.append({"model": name, "source": model.source, "revision": model.revision, "gated": hub.gated,
-                     "components": needed, "bytes": count * BYTES[hub.weights_dtype]})
+                     "components": needed, "bytes": count * _dtype(hub.weights_dtype, "models").itemsize})
     return rows
 
 
