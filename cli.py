@@ -47,7 +47,7 @@ _on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]
 @click.option("--sha256", default=None, help="Expected sha256 of the archive; without it the digest is printed to pin.")
 def download(dataset, dest, url, sha256):
     """Download (resumable), verify and safely extract a dataset archive, e.g. spair71k."""
-    from pipeline.download import download as run_download
+    from pipeline.data.download import download as run_download
 
     folder = run_download(dataset, dest, url=url, sha256=sha256)
     click.echo(f"{dataset} -> {folder}")
@@ -68,7 +68,8 @@ def download(dataset, dest, url, sha256):
 @_on_error_option
 def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_error):
     """Read one split into a pairs table and an images table."""
-    from pipeline import demo, spair
+    from pipeline import demo
+    from pipeline.data import spair
 
     if dataset == "demo":
         demo.generate(root, demo.DemoSpec(seed=seed))
@@ -91,7 +92,8 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_
 @_dask_options
 def evaluate(predictions, metrics_path, table_path, scheduler, workers):
     """PCK of one or more predictions tables (parquet)."""
-    from pipeline import cluster, metrics
+    from pipeline import cluster
+    from pipeline.evaluation import metrics
 
     with cluster.connect(scheduler, workers) as client:
         table = metrics.score_files(predictions, client)
@@ -137,7 +139,7 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
     import pandas as pd
 
     from pipeline.config import load_params
-    from pipeline.encode import encode as run_encode
+    from pipeline.cache.encode import encode as run_encode
 
     params = load_params(params_file)
     images = pd.read_parquet(params.data.images)
@@ -161,7 +163,7 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
     from pipeline import cluster
     from pipeline.config import load_params
-    from pipeline.extract import extract as run_extract
+    from pipeline.cache.extract import extract as run_extract
 
     params = load_params(params_file)
     spec = params.backbone(backbone)
@@ -195,8 +197,9 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
     """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
     import pandas as pd
 
-    from pipeline import cluster, metrics
-    from pipeline.match import match_to_file
+    from pipeline import cluster
+    from pipeline.evaluation import metrics
+    from pipeline.matching.match import match_to_file
 
     if pairs is None:
         from pipeline.config import load_params
@@ -205,8 +208,8 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
     table = pd.read_parquet(pairs)
     source, name = paths[0], Path(paths[0]).stem
     if len(paths) > 1:
-        from pipeline.fusion import FusedMaps
-        from pipeline.match import StoreMaps
+        from pipeline.matching.fusion import FusedMaps
+        from pipeline.cache.maps import StoreMaps
 
         chosen_timesteps = list(timesteps) or [StoreMaps(p).timesteps[0] for p in paths]
         split_weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(paths)
@@ -235,8 +238,8 @@ def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
     import pandas as pd
 
     from pipeline.config import load_params
-    from pipeline.figures import Variant, heatmaps
-    from pipeline.match import StoreMaps
+    from pipeline.evaluation.figures import Variant, heatmaps
+    from pipeline.cache.maps import StoreMaps
 
     data = load_params(params_file).data
     variants = []
@@ -260,13 +263,12 @@ def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
 @click.option("--top", type=int, default=10, show_default=True, help="Channels listed.")
 def inspect(path, layer, timestep, top):
     """Per-channel magnitude statistics of a layer, and the detected massive channels."""
-    from pipeline.match import StoreMaps
-    from pipeline.transforms import channel_statistics
+    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.transforms import channel_statistics
 
     maps = StoreMaps(path)
-    if layer not in maps.layers:
-        raise PipelineError(path, "layer", f"unknown layer {layer!r}; the store has {maps.layers}")
     timestep = timestep if timestep is not None else maps.timesteps[0]
+    maps.check_variant(layer, timestep)
     images = [image for image in maps.images.index if maps.images.at[image, "done"]][:16]
     click.echo(channel_statistics(np.stack([maps.raw(image, layer, timestep) for image in images]), top))
     click.echo(f"massive channels (drop:auto): {list(maps.massive(layer, timestep))}")
@@ -286,16 +288,17 @@ def inspect(path, layer, timestep, top):
 @click.option("--seed", type=int, default=0, show_default=True, help="Point sampling seed.")
 def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
     """Carry an edit (RGBA sticker) from a source image onto a target, from cached features."""
-    from pipeline import propagate as edit_propagation
-    from pipeline.match import StoreMaps
+    from pipeline.data import images
+    from pipeline.matching import propagate as edit_propagation
+    from pipeline.cache.maps import StoreMaps
 
     maps = StoreMaps(path)
-    keys = edit_propagation.image_key_for(maps, src), edit_propagation.image_key_for(maps, trg)
+    keys = maps.image_key_for(src), maps.image_key_for(trg)
     composite, _, info_ = edit_propagation.propagate(
         maps, layer or maps.layers[0], maps.timesteps[0] if timestep is None else timestep, *keys,
-        edit_propagation.load_image(src), edit_propagation.load_image(trg), edit_propagation.load_rgba(edit),
+        images.read_rgb(src), images.read_rgb(trg), images.read_rgba(edit),
         max_points, seed)
-    edit_propagation.save_image(out, composite)
+    images.save_image(out, composite)
     click.echo(f"{info_['method']}: {info_['inliers']}/{info_['matches']} inliers, edit centre "
                f"({info_['centre'][0]:.1f}, {info_['centre'][1]:.1f}) -> {out}")
 
@@ -308,12 +311,12 @@ def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
 def verify(path, backbone, params_file):
     """Check a store: completeness, fingerprint, shapes, finite values; problems listed per image.
     Exit status 1 when there is any."""
-    from pipeline.verify import verify as run_verify
+    from pipeline.cache.verify import verify as run_verify
 
     expected = None
     if backbone is not None:
         from pipeline.config import load_params
-        from pipeline.extract import expected_fingerprint
+        from pipeline.cache.extract import expected_fingerprint
 
         params = load_params(params_file)
         spec = params.backbone(backbone)
@@ -330,7 +333,7 @@ def verify(path, backbone, params_file):
 @click.option("--store", "path", required=True, help="Store: a local path or an fsspec URL.")
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""
-    from pipeline.store import describe
+    from pipeline.cache.store import describe
 
     click.echo(describe(path))
 

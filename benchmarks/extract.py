@@ -22,15 +22,16 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import hub, store
-from pipeline.backbones import Parts, make_backbone
+from pipeline.cache import store
+from pipeline.models import hub
+from pipeline.models.backbones import Parts, make_backbone
 from pipeline.config import BackboneParams
 from pipeline.demo import generate
 from pipeline.config import EncoderParams
-from pipeline.encode import encode
-from pipeline.extract import extract, open_latents
-from pipeline.spair import load_split
-from pipeline.tiny_models import make_tiny_sd2, make_tiny_sd3
+from pipeline.cache.encode import encode
+from pipeline.cache.extract import extract, open_latents
+from pipeline.data.spair import load_split
+from pipeline.demo.tiny_models import make_tiny_sd2, make_tiny_sd3
 
 MID_SD2_UNET = {"block_out_channels": (128, 256, 512, 512), "attention_head_dim": (4, 8, 16, 16),
                 "layers_per_block": 2, "norm_num_groups": 32}

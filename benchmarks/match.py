@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
+from pipeline.matching.protocols import FeatureMap, TargetIndex, match_dift, match_fast
 
 WIDTH, HEIGHT, GRID = 500, 333, 48
 

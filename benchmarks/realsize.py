@@ -29,11 +29,12 @@ sys.path.insert(0, str(REPO))
 
 from scale import stage  # noqa: E402
 
-from pipeline import plan, store  # noqa: E402
+from pipeline import plan  # noqa: E402
+from pipeline.cache import store  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.demo import DemoSpec, generate  # noqa: E402
-from pipeline.models import materialise  # noqa: E402
-from pipeline.spair import load_split, write_split  # noqa: E402
+from pipeline.models.fetch import materialise  # noqa: E402
+from pipeline.data.spair import load_split, write_split  # noqa: E402
 
 PROFILE = REPO / "profiles" / "realsize-smoke.yaml"
 

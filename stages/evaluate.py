@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from pipeline import cluster, metrics
+from pipeline import cluster
+from pipeline.evaluation import metrics
 from pipeline.config import load_params
 from stages import run
 

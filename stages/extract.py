@@ -4,7 +4,7 @@ import sys
 
 from pipeline import cluster
 from pipeline.config import load_params
-from pipeline.extract import extract
+from pipeline.cache.extract import extract
 from stages import run
 
 

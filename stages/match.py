@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipeline import cluster
 from pipeline.config import load_params
-from pipeline.match import match_to_file
+from pipeline.matching.match import match_to_file
 from stages import run
 
 

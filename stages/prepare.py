@@ -1,6 +1,6 @@
 """DVC stage `prepare`: one split of the dataset at data.root -> pairs and images tables."""
 
-from pipeline import spair
+from pipeline.data import spair
 from pipeline.config import load_params
 from pipeline.errors import report_skipped
 from stages import run

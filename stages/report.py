@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from pipeline import figures, metrics
+from pipeline.evaluation import figures, metrics
 from pipeline.config import load_params
 from stages import run
 

@@ -46,7 +46,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from pipeline.tiny_models import make_tiny
+    from pipeline.demo.tiny_models import make_tiny
 
     base = tmp_path_factory.mktemp("models")
     return {name: str(make_tiny(name, base / name)) for name in ("tiny-sd2", "tiny-sd3")}
@@ -56,9 +56,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 def demo_stores(tmp_path_factory, demo_root, tiny_models):
     """The demo's test split with small stores of every backbone kind (128-px canvas)."""
     from pipeline.config import BackboneParams, EncoderParams
-    from pipeline.encode import encode
-    from pipeline.extract import extract
-    from pipeline.spair import load_split
+    from pipeline.cache.encode import encode
+    from pipeline.cache.extract import extract
+    from pipeline.data.spair import load_split
 
     base = tmp_path_factory.mktemp("stores")
     split = load_split(demo_root, "test")

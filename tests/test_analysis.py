@@ -1,9 +1,9 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis import correct, load_predictions
-from pipeline.match import match_store
-from pipeline.metrics import pck_table
+from pipeline.evaluation.analysis import correct, load_predictions
+from pipeline.matching.match import match_store
+from pipeline.evaluation.metrics import pck_table
 
 
 def test_predictions_dataset_gives_the_same_pck(demo_stores, tmp_path):

@@ -12,13 +12,13 @@ import zarr
 from PIL import Image
 
 from conftest import store_files
-from pipeline import store
+from pipeline.cache import store
 from pipeline.config import BackboneParams, EncoderParams, load_params
-from pipeline.encode import encode, load_canvas
+from pipeline.cache.encode import encode, load_canvas
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.match import match_store
-from pipeline.spair import load_split
+from pipeline.cache.extract import extract
+from pipeline.matching.match import match_store
+from pipeline.data.spair import load_split
 
 PAIR = "000002-demo_00000-demo_00001:star"
 IMAGE = "JPEGImages/star/demo_00001.jpg"
@@ -188,7 +188,7 @@ def test_full_disk_fails_in_one_line_keeps_finished_images_and_resumes(demo_stor
 @pytest.fixture
 def poisoned(monkeypatch):
     """The VAE-latent backbone gives +inf features for every 'blob' image (as a float16 overflow would)."""
-    from pipeline.backbones.vae import VAELatent
+    from pipeline.models.backbones.vae import VAELatent
 
     real_run = VAELatent.run
 

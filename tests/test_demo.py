@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from pipeline.demo import DemoSpec, generate
-from pipeline.spair import load_split
+from pipeline.data.spair import load_split
 
 
 def _files(root):

@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 
 from conftest import store_files
-from pipeline import cluster, metrics
+from pipeline import cluster
+from pipeline.evaluation import metrics
 from pipeline.config import BackboneParams
-from pipeline.extract import extract
-from pipeline.match import match_store, match_to_file
+from pipeline.cache.extract import extract
+from pipeline.matching.match import match_store, match_to_file
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline import download as dl
-from pipeline.download import Dataset, download
+from pipeline.data import download as dl
+from pipeline.data.download import Dataset, download
 from pipeline.errors import PipelineError
 
 FILES = {

@@ -9,14 +9,14 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline import store
+from pipeline.cache import store
 from pipeline.config import BackboneParams
 from pipeline.config import EncoderParams
-from pipeline.encode import encode, load_canvas
+from pipeline.cache.encode import encode, load_canvas
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.spair import load_split
-from pipeline.tiny_models import make_tiny
+from pipeline.cache.extract import extract
+from pipeline.data.spair import load_split
+from pipeline.demo.tiny_models import make_tiny
 from conftest import store_files
 
 CANVAS = 128
@@ -222,7 +222,7 @@ def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
 
 
 def test_one_forward_per_timestep_stops_after_deepest_layer(world, tmp_path, monkeypatch):
-    from pipeline.backbones import Parts, sd2
+    from pipeline.models.backbones import Parts, sd2
 
     calls = {"up_blocks.0": 0, "up_blocks.1": 0, "up_blocks.2": 0, "text": 0}
     original_load, original_component = sd2.SD2.load_model, Parts.component
@@ -264,7 +264,7 @@ def test_pad_canvas_records_the_valid_region(world, tmp_path):
 
 
 def test_model_identity_tells_reinitialised_weights_apart(tmp_path):
-    from pipeline.hub import model_identity
+    from pipeline.models.hub import model_identity
 
     a, b, c = (make_tiny("tiny-sd2", tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     assert model_identity(str(a)) == model_identity(str(b)) != model_identity(str(c))
@@ -276,7 +276,7 @@ def test_a_half_precision_vae_that_gives_nan_encodes_that_image_in_float32(world
     bfloat16 VAE is made to give NaN (as an overflow would) and the result must be the float32 encoding."""
     from diffusers import AutoencoderKL
 
-    from pipeline.encode import posterior
+    from pipeline.cache.encode import posterior
 
     model = world["sd3"][0]
     pixels = _canvas(world, 1)
@@ -291,7 +291,7 @@ def test_a_half_precision_vae_that_gives_nan_encodes_that_image_in_float32(world
 
 
 def test_values_beyond_float16_are_clipped_and_counted_never_inf(world, tmp_path, monkeypatch):
-    from pipeline.backbones.vae import VAELatent
+    from pipeline.models.backbones.vae import VAELatent
 
     real_run = VAELatent.run
     monkeypatch.setattr(VAELatent, "run", lambda self, x, t, category: {

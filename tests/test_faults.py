@@ -27,7 +27,7 @@ KILLS = {"encode": 3, "extract": 4, "match": 3}  # >= 10 in all
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, demo_root, tiny_models):
     """A working folder with params for one VAE and one backbone, and the prepared demo split."""
-    from pipeline.spair import load_split, write_split
+    from pipeline.data.spair import load_split, write_split
 
     base = tmp_path_factory.mktemp("faults")
     write_split(load_split(demo_root, "test"), base / "pairs.parquet", base / "images.parquet")

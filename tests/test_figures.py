@@ -5,8 +5,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from pipeline import figures, metrics
-from pipeline.match import StoreMaps, match_store
+from pipeline.evaluation import figures, metrics
+from pipeline.cache.maps import StoreMaps
+from pipeline.matching.match import match_store
 
 
 def test_report_from_cache(demo_stores, tmp_path):

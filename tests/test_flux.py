@@ -12,11 +12,11 @@ import xarray as xr
 import zarr
 
 from pipeline.config import BackboneParams, EncoderParams
-from pipeline.encode import encode, load_canvas
+from pipeline.cache.encode import encode, load_canvas
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.spair import load_split
-from pipeline.tiny_models import FLUX_TRANSFORMER_CONFIG, make_tiny, make_tiny_t5_tokenizer
+from pipeline.cache.extract import extract
+from pipeline.data.spair import load_split
+from pipeline.demo.tiny_models import FLUX_TRANSFORMER_CONFIG, make_tiny, make_tiny_t5_tokenizer
 
 torch.set_num_threads(2)
 
@@ -154,7 +154,7 @@ def test_layers_are_block_inputs_equal_to_direct_transformer_call(world, pipe):
 
 
 def test_forward_stops_before_the_deepest_layer(world, monkeypatch):
-    from pipeline.backbones.flux import Flux
+    from pipeline.models.backbones.flux import Flux
 
     calls = {"single.0": 0, "single.1": 0, "single.2": 0}
     original_init = Flux.__init__
@@ -198,8 +198,8 @@ def test_store_opens_in_xarray_with_labelled_dims(world):
 
 @pytest.mark.parametrize("protocol", ["dift", "fast"])
 def test_flux_store_matches_with_both_protocols(world, protocol):
-    from pipeline.match import match_store
-    from pipeline.metrics import pck_table
+    from pipeline.matching.match import match_store
+    from pipeline.evaluation.metrics import pck_table
 
     pairs = load_split(world["root"], "test").pairs
     keys = set(world["images"]["image"])

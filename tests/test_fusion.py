@@ -5,9 +5,10 @@ import pandas as pd
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline import store
-from pipeline.fusion import FusedMaps
-from pipeline.match import StoreMaps, match_store
+from pipeline.cache import store
+from pipeline.matching.fusion import FusedMaps
+from pipeline.cache.maps import StoreMaps
+from pipeline.matching.match import match_store
 
 
 def test_fusion_equals_a_store_of_concatenated_normalised_features(demo_stores, tmp_path):

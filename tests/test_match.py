@@ -7,8 +7,9 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline.errors import PipelineError
-from pipeline.match import StoreMaps, match_store
-from pipeline.metrics import pck_table
+from pipeline.cache.maps import StoreMaps
+from pipeline.matching.match import match_store
+from pipeline.evaluation.metrics import pck_table
 from test_matching import naive_match
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.matching import FeatureMap, TargetIndex, axis_weights, match_dift, match_fast
+from pipeline.matching.protocols import FeatureMap, TargetIndex, axis_weights, match_dift, match_fast
 
 
 def naive_upsample(features: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_pad_mode_searches_only_the_valid_region():
 
 
 def test_similarity_stats_equal_their_definitions():
-    from pipeline.matching import similarity_stats
+    from pipeline.matching.protocols import similarity_stats
 
     scores = np.random.default_rng(5).random((3, 50, 60)).astype(np.float32)
     best = np.array([[1, 2], [30, 20], [59, 49]])

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import best_variants, bbox_threshold, metrics_summary, pck_table
+from pipeline.evaluation.metrics import best_variants, bbox_threshold, metrics_summary, pck_table
 
 
 def _predictions(**variant):

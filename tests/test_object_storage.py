@@ -6,10 +6,10 @@ import pytest
 
 from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.match import match_store
-from pipeline.store import describe
-from pipeline.verify import verify
+from pipeline.cache.extract import extract
+from pipeline.matching.match import match_store
+from pipeline.cache.store import describe
+from pipeline.cache.verify import verify
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.matching import FeatureMap
-from pipeline.propagate import apply_homography, load_image, load_rgba, propagate, save_image
+from pipeline.matching.protocols import FeatureMap
+from pipeline.data.images import read_rgb as load_image, read_rgba as load_rgba, save_image
+from pipeline.matching.propagate import apply_homography, propagate
 
 SIMILARITY_PAIR = "000019-demo_10100-demo_10101:blob"  # rotation 1.7 deg, scale 0.91
 AFFINE_PAIR = "000020-demo_10100-demo_10102:blob"
@@ -27,9 +28,9 @@ AFFINE_PAIR = "000020-demo_10100-demo_10102:blob"
 def mean_store(tmp_path_factory, demo_stores, tiny_models):
     """vae-sd3 features from the tiny SD3 VAE's posterior mean on a 256-px canvas, over the demo test split."""
     from pipeline.config import BackboneParams, EncoderParams
-    from pipeline.encode import encode
-    from pipeline.extract import extract
-    from pipeline.match import StoreMaps
+    from pipeline.cache.encode import encode
+    from pipeline.cache.extract import extract
+    from pipeline.cache.maps import StoreMaps
 
     base = tmp_path_factory.mktemp("propagate")
     latents = encode(EncoderParams(model=tiny_models["tiny-sd3"], canvas=256), demo_stores["images"],
@@ -103,7 +104,7 @@ def test_composite_pastes_only_the_warped_edit(demo_stores, mean_store):
 
 def test_identity_pair_on_demo_store(demo_stores):
     """The demo's own tiny-sd3 store: on an identity pair the edit stays where it is (every layer)."""
-    from pipeline.match import StoreMaps
+    from pipeline.cache.maps import StoreMaps
 
     maps = StoreMaps(demo_stores["stores"]["tiny-sd3"])
     row, _, src, trg = _pair(demo_stores, "000018-demo_10100-demo_10100:blob")
@@ -122,6 +123,9 @@ class _Stub:
         self.size = size
 
     def check_images(self, keys):
+        pass
+
+    def check_variant(self, layer, timestep):
         pass
 
     def load(self, key, layer, timestep):
@@ -144,7 +148,7 @@ def test_no_valid_matches_is_one_line_error(mutual):
 
 
 def test_empty_mask_and_bad_edit_are_one_line_errors(demo_stores, tmp_path):
-    from pipeline.match import StoreMaps
+    from pipeline.cache.maps import StoreMaps
 
     maps = StoreMaps(demo_stores["stores"]["vae-sd3"])
     row, _, src, trg = _pair(demo_stores, SIMILARITY_PAIR)

@@ -10,17 +10,16 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from click.testing import CliRunner
 
 from cli import cli
 from conftest import REPO
-from pipeline import models, plan, realsize
+from pipeline import plan
+from pipeline.models import fetch, realsize
 from pipeline.config import BackboneParams, EncoderParams, load_params
 from pipeline.errors import PipelineError
 
@@ -69,7 +68,7 @@ def test_parameter_counts_match_the_published_sizes(real):
     """The architectures built from the bundled configs are the released ones: their parameter counts
     give the published checkpoint sizes (SOURCES.md: FLUX.1-dev transformer 23,802,816,640 bytes in
     bf16, T5-XXL encoder 9,524,621,312 bytes in fp16; safetensors headers add a few hundred KB)."""
-    from pipeline.backbones import ConfigParts
+    from pipeline.models.backbones import ConfigParts
 
     flux = plan.parameters(ConfigParts(realsize.CONFIGS / "flux-dev"), "transformer")
     t5 = plan.parameters(ConfigParts(realsize.CONFIGS / "sd3-medium"), "text_encoder_3")
@@ -149,25 +148,25 @@ CLIP_REPO_FILES = ["config.json", "open_clip_config.json", "open_clip_model.safe
 def _fetched(files, needed):
     from huggingface_hub.utils import filter_repo_objects
 
-    return set(filter_repo_objects(files, allow_patterns=models.hub_patterns(needed)))
+    return set(filter_repo_objects(files, allow_patterns=fetch.hub_patterns(needed)))
 
 
 def test_the_model_stage_fetches_only_what_the_stages_load(real):
-    sd2 = models.components(real, "sd2-1")
+    sd2 = fetch.components(real, "sd2-1")
     assert sd2 == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     assert _fetched(SD2_REPO_FILES, sd2) == {
         "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
         "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
         "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
-    sd3 = models.components(real, "sd3-medium")
+    sd3 = fetch.components(real, "sd3-medium")
     assert not any(f.startswith(("text_encoder_3", "tokenizer_3")) for f in _fetched(SD3_REPO_FILES, sd3))
     assert "sd3_medium.safetensors" not in _fetched(SD3_REPO_FILES, sd3)
     with_t5 = real.__class__(**{**vars(real), "backbones": {
         **real.backbones, "sd3": BackboneParams(**{**vars(real.backbones["sd3"]), "t5": True})}})
-    fetched = _fetched(SD3_REPO_FILES, models.components(with_t5, "sd3-medium"))
+    fetched = _fetched(SD3_REPO_FILES, fetch.components(with_t5, "sd3-medium"))
     assert {"text_encoder_3/model-00001-of-00002.safetensors", "tokenizer_3/spiece.model"} <= fetched
-    assert models.components(real, "openclip-h14") == []
+    assert fetch.components(real, "openclip-h14") == []
     assert _fetched(CLIP_REPO_FILES, []) == {"config.json", "open_clip_config.json", "model.safetensors",
                                              "preprocessor_config.json", "tokenizer.json"}
 
@@ -237,22 +236,22 @@ def test_model_folders_record_their_source_and_are_replaced_only_when_it_changes
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import otherwise
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "models" / "dinov2-base"
-    models.materialise("realsize:dinov2-base", folder, seed=0)
+    fetch.materialise("realsize:dinov2-base", folder, seed=0)
     weights = (folder / "model.safetensors").read_bytes()
-    assert json.loads((folder / models.MARKER).read_text()) == {"source": "realsize:dinov2-base", "revision": None,
+    assert json.loads((folder / fetch.MARKER).read_text()) == {"source": "realsize:dinov2-base", "revision": None,
                                                                  "seed": 0}
-    models.materialise("realsize:dinov2-base", folder, seed=1)  # another seed: other weights
+    fetch.materialise("realsize:dinov2-base", folder, seed=1)  # another seed: other weights
     assert (folder / "model.safetensors").read_bytes() != weights
     # A folder the user put there (no record) is used as it is: no network, nothing rewritten.
     user = tmp_path / "models" / "user-copy"
     shutil.copytree(folder, user)
-    (user / models.MARKER).unlink()
+    (user / fetch.MARKER).unlink()
     stamp = (user / "model.safetensors").stat().st_mtime_ns
-    assert models.materialise("facebook/dinov2-base", user, revision="f9e4", needed=[]) == user
+    assert fetch.materialise("facebook/dinov2-base", user, revision="f9e4", needed=[]) == user
     assert (user / "model.safetensors").stat().st_mtime_ns == stamp
     # One this stage made from another source is not taken for the hub model: it is replaced.
     with pytest.raises(PipelineError, match="facebook/dinov2-base: cannot download the model"):
-        models.materialise("facebook/dinov2-base", folder, revision="f9e4", needed=[])
+        fetch.materialise("facebook/dinov2-base", folder, revision="f9e4", needed=[])
     assert not folder.exists()
 
 
@@ -265,9 +264,9 @@ def test_a_folder_missing_a_shard_is_incomplete(tmp_path):
                             "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
     (component / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     (component / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"x")
-    assert not models.is_complete(tmp_path, ["transformer"])
+    assert not fetch.is_complete(tmp_path, ["transformer"])
     (component / "diffusion_pytorch_model-00002-of-00002.safetensors").write_bytes(b"x")
-    assert models.is_complete(tmp_path, ["transformer"])
+    assert fetch.is_complete(tmp_path, ["transformer"])
 
 
 def test_a_cached_snapshot_is_linked_file_by_file_and_only_what_is_used(tmp_path):
@@ -277,7 +276,7 @@ def test_a_cached_snapshot_is_linked_file_by_file_and_only_what_is_used(tmp_path
         (cached / name).write_text(name)
     out = tmp_path / "out"
     needed = ["scheduler", "text_encoder", "tokenizer", "unet"]
-    models._link_tree(cached, out, models.hub_patterns(needed))
+    fetch._link_tree(cached, out, fetch.hub_patterns(needed))
     linked = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert linked == _fetched(SD2_REPO_FILES, needed) and "v2-1_768-ema-pruned.ckpt" not in linked
     assert (out / "unet/config.json").stat().st_ino == (cached / "unet/config.json").stat().st_ino
@@ -288,12 +287,12 @@ def test_a_cached_snapshot_is_linked_file_by_file_and_only_what_is_used(tmp_path
 def test_real_size_dinov2_from_its_folder_end_to_end(tmp_path, demo_root):
     """realsize:dinov2-base is a folder `from_pretrained` loads; extraction at 840 px stores the
     60 x 60 x 768 patch grid, and two builds with one seed are the same bytes."""
-    from pipeline.encode import encode
-    from pipeline.extract import extract
-    from pipeline.spair import load_split
+    from pipeline.cache.encode import encode
+    from pipeline.cache.extract import extract
+    from pipeline.data.spair import load_split
 
-    folder = models.materialise("realsize:dinov2-base", tmp_path / "dinov2-base", seed=3)
-    again = models.materialise("realsize:dinov2-base", tmp_path / "again", seed=3)
+    folder = fetch.materialise("realsize:dinov2-base", tmp_path / "dinov2-base", seed=3)
+    again = fetch.materialise("realsize:dinov2-base", tmp_path / "again", seed=3)
     assert (folder / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
     images = load_split(demo_root, "test").images.iloc[:1]
     latents = encode(EncoderParams(kind="pixels", canvas=840), images, demo_root, tmp_path / "pixels.zarr")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.spair import PAIR_FIELDS, load_split
+from pipeline.data.spair import PAIR_FIELDS, load_split
 
 
 def test_sample_test_split_equals_json_files(spair_sample):

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pipeline.tiny_models import (
+from pipeline.demo.tiny_models import (
     SD2_UNET_CONFIG,
     SD3_NO_T5_LOAD_KWARGS,
     SD3_TRANSFORMER_CONFIG,

@@ -8,11 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline import store, transforms
+from pipeline.cache import store
+from pipeline.matching import transforms
 from pipeline.errors import PipelineError
-from pipeline.match import match_store
-from pipeline.metrics import pck_table
-from pipeline.spair import load_split
+from pipeline.matching.match import match_store
+from pipeline.evaluation.metrics import pck_table
+from pipeline.data.spair import load_split
 
 CANVAS, GRID, CHANNELS, MASSIVE = 128, 16, 48, (7, 12, 30, 41)
 

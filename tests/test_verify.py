@@ -10,11 +10,11 @@ import zarr
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline import store
+from pipeline.cache import store
 from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
-from pipeline.extract import expected_fingerprint, extract
-from pipeline.verify import verify
+from pipeline.cache.extract import expected_fingerprint, extract
+from pipeline.cache.verify import verify
 
 
 @pytest.fixture

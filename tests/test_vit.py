@@ -7,13 +7,13 @@ import xarray as xr
 import zarr
 
 from pipeline.config import BackboneParams, EncoderParams
-from pipeline.encode import encode
+from pipeline.cache.encode import encode
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
-from pipeline.match import match_store
-from pipeline.metrics import pck_table
-from pipeline.spair import load_split
-from pipeline.tiny_models import make_tiny
+from pipeline.cache.extract import extract
+from pipeline.matching.match import match_store
+from pipeline.evaluation.metrics import pck_table
+from pipeline.data.spair import load_split
+from pipeline.demo.tiny_models import make_tiny
 
 CANVAS = 112  # 8 x 8 patches of 14 px
 

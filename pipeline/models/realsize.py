@@ -1,4 +1,4 @@
-"""The study's five real models, known by their hub config files (`pipeline/real_configs/`, copied from
+"""The study's five real models, known by their hub config files (`pipeline/models/real_configs/`, copied from
 the hub; see SOURCES.md there): the hub facts the pipeline needs (repository, pinned revision, gated
 or not, precision of the weight files), and real-size pipeline folders with seeded random weights.
 
@@ -24,7 +24,7 @@ REALSIZE = "realsize:"
 
 @dataclass(frozen=True)
 class RealModel:
-    folder: str  # under pipeline/real_configs/
+    folder: str  # under pipeline/models/real_configs/
     hub_id: str
     revision: str  # the commit pinned in profiles/spair71k.yaml
     gated: bool  # licence to accept on the hub, and a token
@@ -65,8 +65,8 @@ def make_realsize(name: str, out: str | Path, seed: int = 0) -> Path:
     """Write a complete pipeline folder of the real architecture `name` (a folder of real_configs) with
     seeded random weights, saved in float16. Components too large for this machine (T5-XXL) are left
     out and marked absent in model_index.json, as a user dropping them would."""
-    from pipeline import tiny_models
-    from pipeline.backbones import ConfigParts
+    from pipeline.models import tokenizers
+    from pipeline.models.backbones import ConfigParts
 
     if name in META_ONLY:
         raise PipelineError("params.yaml", "models", f"realsize:{name} cannot be built with weights here: "
@@ -94,7 +94,7 @@ def make_realsize(name: str, out: str | Path, seed: int = 0) -> Path:
         part = parts.load(parts.component_class(component), component)
         part.save_pretrained(out / component, **({"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}))
         if entry[1] == "CLIPTokenizer":
-            tiny_models.write_clip_vocab(out / component)  # as hub folders have, for slow tokenizers too
+            tokenizers.write_clip_vocab(out / component)  # as hub folders have, for slow tokenizers too
         del part
     (out / "model_index.json").write_text(json.dumps(written, indent=2) + "\n")
     return out

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import check_policy
+from pipeline.data.images import image_size
 from pipeline.errors import PipelineError
 
 SPLITS = ("trn", "val", "test")
@@ -123,18 +123,6 @@ def pair_files(root: Path, split: str, layout: str | None = None) -> list[Path]:
     return [folder / f"{name}.json" for name in names]
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(W, H) of an image that decodes completely: a truncated file fails here, not mid-extraction."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.size
-    except FileNotFoundError:
-        raise PipelineError(path, None, "image is missing") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise PipelineError(path, None, f"unreadable image ({exc})") from None
-
-
 def load_split(
     root: str | Path,
     split: str,
@@ -206,7 +194,7 @@ def load_split(
 def _image_row(root: Path, record: dict, side: str, key: str) -> dict:
     path = Path("JPEGImages") / record["category"] / record[f"{side}_imname"]
     width, height, depth = record[f"{side}_imsize"]
-    actual = _image_size(root / path)
+    actual = image_size(root / path)
     if actual != (width, height):
         raise PipelineError(root / path, None, f"image is {actual[0]}x{actual[1]} but {record['filename']}.json "
                                                f"says {side}_imsize {width}x{height}")

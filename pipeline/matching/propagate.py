@@ -2,7 +2,7 @@
 
 Source pixels under the edit's mask are matched into the target with the exact DIFT protocol (the
 source vector of the upsampled map at each pixel, the argmax of cosine over every target pixel; see
-`pipeline.matching`), optionally kept only where the match is a mutual nearest neighbour (matching the
+`pipeline.matching.protocols`), optionally kept only where the match is a mutual nearest neighbour (matching the
 target point back lands near the source point). A homography is fitted to the matches with RANSAC
 (threshold a fraction of the target's longer side), falling back to a similarity transform; the
 sticker is warped into the target frame with it and alpha-composited over the target image.
@@ -14,63 +14,17 @@ from that square neighbourhood about the box's centre instead (plus the mask).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
-from pipeline.matching import argmax_points
+from pipeline.matching.protocols import argmax_points
 
 CHUNK = 64  # queries per cosine batch: (CHUNK, H, W) float32 maps at a time
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB; a one-line PipelineError if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PipelineError(path, None, f"unreadable image ({exc})") from None
-
-
-def load_rgba(path: str | Path) -> np.ndarray:
-    """An edit sticker as (H, W, 4) uint8 RGBA; its alpha channel is the edit's mask."""
-    try:
-        with Image.open(path) as image:
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-            if not has_alpha:
-                raise PipelineError(path, "alpha",
-                                    f"the edit needs an alpha channel (its mask); image mode is {image.mode}")
-            return np.asarray(image.convert("RGBA"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PipelineError(path, None, f"unreadable image ({exc})") from None
-
-
-def save_image(path: str | Path, pixels: np.ndarray) -> Path:
-    """Write an (H, W, 3|4) uint8 array (format from the suffix); a one-line PipelineError on failure."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PipelineError(path, None, f"cannot write image ({exc})") from None
-    return path
-
-
-def image_key_for(maps, path: str | Path) -> str:
-    """The store's image key (`<category>/<name>`) of an image file in the SPair layout
-    (`JPEGImages/<category>/<name>.jpg`)."""
-    path = Path(path)
-    key = f"{path.parent.name}/{path.stem}"
-    if key not in maps.position:
-        raise PipelineError(path, "image", f"store {maps.path} has no image {key!r} "
-                                           "(expected JPEGImages/<category>/<name>.* of the store's split)")
-    return key
-
 
 # ------------------------------------------------------------------------------------------- geometry
 
@@ -174,13 +128,10 @@ def propagate(maps, layer: str, timestep: int, src_key: str, trg_key: str, src_i
               mutual: bool = True, reprojection: float = 0.02, context: float = 1 / 3):
     """Propagate an RGBA `edit` (source image coordinates, alpha > 0 = the edit) onto the target image.
 
-    `maps` is a `pipeline.match.StoreMaps`; `layer`/`timestep` choose the feature map. Returns
+    `maps` is a `pipeline.cache.maps.StoreMaps`; `layer`/`timestep` choose the feature map. Returns
     (composite (H_trg, W_trg, 3) uint8, source->target 3x3 homography, info dict)."""
     where = f"{maps.path}: {src_key} -> {trg_key}"
-    if layer not in maps.layers:
-        raise PipelineError(maps.path, "layer", f"unknown layer {layer!r}; the store has {list(maps.layers)}")
-    if int(timestep) not in maps.timesteps:
-        raise PipelineError(maps.path, "timestep", f"unknown timestep {timestep!r}; the store has {maps.timesteps}")
+    maps.check_variant(layer, timestep)
     maps.check_images([src_key, trg_key])
     source, target = maps.load(src_key, layer, int(timestep)), maps.load(trg_key, layer, int(timestep))
     for name, image, fmap in (("source", src_image, source), ("target", trg_image, target)):

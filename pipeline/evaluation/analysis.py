@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
-from pipeline.metrics import read_predictions, variant_columns
+from pipeline.evaluation.metrics import read_predictions, variant_columns
 
 POINT_COORDS = ["pair", "category", "keypoint", "src_image", "trg_image", "trg_x", "trg_y", "threshold"]
 

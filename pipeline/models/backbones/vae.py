@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.backbones import VAE_FACTOR, Backbone, flow_noised
+from pipeline.models.backbones import VAE_FACTOR, Backbone, flow_noised
 from pipeline.errors import PipelineError
 
 

@@ -20,10 +20,12 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline import cluster, hub, store
-from pipeline.backbones import Parts, make_backbone
+from pipeline import cluster
+from pipeline.cache import store
+from pipeline.models import hub
+from pipeline.models.backbones import Parts, make_backbone
 from pipeline.config import BackboneParams, check_policy
-from pipeline.encode import peak_memory
+from pipeline.cache.encode import peak_memory
 from pipeline.errors import PipelineError, report_skipped
 
 

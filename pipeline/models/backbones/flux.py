@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
+from pipeline.models.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
 
 # FluxPipeline's default guidance_scale (FLUX.1-dev); fed to guidance-distilled transformers.
 GUIDANCE = 3.5

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.backbones import (VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, linear_on,
+from pipeline.models.backbones import (VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, linear_on,
                                 until_captured)
 
 

@@ -19,12 +19,12 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from pipeline import store  # noqa: E402
+from pipeline.cache import store  # noqa: E402
+from pipeline.data.images import read_rgb  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.match import StoreMaps  # noqa: E402
-from pipeline.metrics import HEADLINE_ALPHA  # noqa: E402
+from pipeline.cache.maps import StoreMaps  # noqa: E402
+from pipeline.evaluation.metrics import HEADLINE_ALPHA, at_headline, best_variants  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,7 @@ class Variant:
 
 
 def _image(root: Path, images: pd.DataFrame, key: str) -> np.ndarray:
-    path = root / images.set_index("image").at[key, "path"]
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(path, None, f"unreadable image ({exc})") from None
+    return read_rgb(root / images.set_index("image").at[key, "path"])
 
 
 def _pair(pairs: pd.DataFrame, name: str | None) -> pd.Series:
@@ -170,7 +165,7 @@ PUBLISHED = [
 def published_table(table: pd.DataFrame, stores: dict[str, str]) -> pd.DataFrame:
     """The published figures beside the best measured PCK@0.1 of each backbone of the same kind."""
     kinds = {name: store.open_existing(path).attrs.get("backbone") for name, path in stores.items()}
-    head = table[(table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
+    head = at_headline(table)
     rows = []
     for method, kind, transform, value, measure in PUBLISHED:
         names = [name for name, k in kinds.items() if k == kind]
@@ -184,14 +179,8 @@ def published_table(table: pd.DataFrame, stores: dict[str, str]) -> pd.DataFrame
 
 def best_variants_of(table: pd.DataFrame, stores: dict[str, str]) -> dict[str, Variant]:
     """Per backbone, the layer and timestep with the best per-image PCK@0.1."""
-    head = table[(table["kind"] == "per_image") & (table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
-    chosen = {}
-    for backbone, rows in head.groupby("backbone", sort=True):
-        if backbone in stores:
-            best = rows.loc[rows["pck"].idxmax()]
-            chosen[backbone] = Variant(stores[backbone], best["layer"], int(best["timestep"]),
-                                       str(best.get("transform", "raw")))
-    return chosen
+    return {backbone: Variant(stores[backbone], best["layer"], int(best["timestep"]), best.get("transform", "raw"))
+            for backbone, best in sorted(best_variants(table).items()) if backbone in stores}
 
 
 def write_report(out_dir: str | Path, table: pd.DataFrame, curves: tuple[pd.DataFrame, pd.DataFrame],
@@ -207,7 +196,7 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, curves: tuple[pd.Data
     similarity_histograms(variants, pairs, out_dir / "similarity_histograms.png")
     resources = resource_table(list(stores.values()))
 
-    head = table[np.isclose(table["alpha"], HEADLINE_ALPHA) & (table["category"].isin(["all", "mean"]))]
+    head = at_headline(table, categories=("all", "mean"))
     index = [c for c in ("backbone", "layer", "timestep", "transform") if c in head]
     wide = head.pivot_table(index=index, columns=["kind", "category"], values="pck")
     wide.columns = [f"{kind} ({'mean of categories' if cat == 'mean' else 'all pairs'})" for kind, cat in wide.columns]

@@ -140,9 +140,18 @@ def _score_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
         raise PipelineError(path, exc.field, exc.reason) from None
 
 
+def at_headline(table: pd.DataFrame, kind: str | None = None, categories=("all",)) -> pd.DataFrame:
+    """The rows of a `pck_table` at alpha 0.1 for `categories` ("all": pooled over pairs, "mean": mean of
+    categories, or category names), of one `kind` (per_image, per_point) or both."""
+    rows = np.isclose(table["alpha"], HEADLINE_ALPHA) & table["category"].isin(list(categories))
+    if kind is not None:
+        rows &= table["kind"] == kind
+    return table[rows].copy()
+
+
 def _headline(table: pd.DataFrame) -> pd.DataFrame:
     """PCK@0.1 per variant: columns per_image, per_point (pooled) and per_image_mean_of_categories."""
-    head = table[np.isclose(table["alpha"], HEADLINE_ALPHA) & table["category"].isin(["all", "mean"])].copy()
+    head = at_headline(table, categories=("all", "mean"))
     head["column"] = head["kind"] + np.where(head["category"] == "mean", "_mean_of_categories", "")
     variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "points")]
     wide = head.pivot_table(index=variants, columns="column", values="pck", sort=True) if variants \
@@ -214,8 +223,7 @@ def layer_depth(layers) -> dict[str, float]:
 def curve_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Headline PCK (per image, alpha 0.1, all pairs) against layer depth and against timestep:
     one series per backbone (x timestep, or x layer)."""
-    head = table[(table["kind"] == "per_image") & (table["category"] == "all") & np.isclose(table["alpha"], HEADLINE_ALPHA)]
-    head = head.copy()
+    head = at_headline(table, kind="per_image")
     for column, default in (("backbone", "all"), ("layer", "-"), ("timestep", 0)):
         if column not in head:
             head[column] = default

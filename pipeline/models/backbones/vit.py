@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.backbones import Backbone, capture, until_captured
+from pipeline.models.backbones import Backbone, capture, until_captured
 from pipeline.errors import PipelineError
 
 # The official preprocessing constants of each family (ImageNet for DINOv2, OpenAI CLIP's for CLIP).

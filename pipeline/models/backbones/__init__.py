@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import hub
+from pipeline.models import hub
 from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
 
@@ -137,9 +137,9 @@ def _is_config_only(cls) -> bool:
 
 class ConfigParts(Parts):
     """The same components built from their config files alone (a folder laid out like the hub
-    repository, e.g. `pipeline/real_configs/sd3-medium`): on the meta device, the real architecture's
+    repository, e.g. `pipeline/models/real_configs/sd3-medium`): on the meta device, the real architecture's
     shapes and module paths with no weights and no memory (`plan`, the real-size tests); or on the CPU
-    with seeded random weights (pipeline/realsize.py). Tokenizers are the project's tiny ones of the same
+    with seeded random weights (pipeline/models/realsize.py). Tokenizers are the project's tiny ones of the same
     family: config files carry no vocabulary, and only the padded length of the token ids matters here."""
 
     def __init__(self, configs: str | Path, device: str = "meta", dtype: torch.dtype = torch.float16, seed: int = 0):
@@ -153,12 +153,12 @@ class ConfigParts(Parts):
         return self._index
 
     def load(self, cls, subfolder: str | None = None, denoiser: bool = False):
-        from pipeline import tiny_models
+        from pipeline.models import tokenizers
 
         if cls.__name__.startswith("CLIPTokenizer"):
-            return tiny_models.make_tiny_clip_tokenizer()
+            return tokenizers.make_tiny_clip_tokenizer()
         if cls.__name__.startswith("T5Tokenizer"):
-            return tiny_models.make_tiny_t5_tokenizer()
+            return tokenizers.make_tiny_t5_tokenizer()
         config = self.config(subfolder)
         if _is_config_only(cls):
             return cls.from_config(config)
@@ -277,7 +277,7 @@ KINDS = ("sd2", "sd3", "flux", "vae-sd2", "vae-sd3", "dinov2", "clip")
 
 
 def backbone_class(kind: str):
-    from pipeline.backbones import flux, sd2, sd3, vae, vit
+    from pipeline.models.backbones import flux, sd2, sd3, vae, vit
 
     classes = {"sd2": sd2.SD2, "sd3": sd3.SD3, "flux": flux.Flux, "vae-sd2": vae.VAELatent, "vae-sd3": vae.VAELatent,
                "dinov2": vit.ViT, "clip": vit.ViT}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,88 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import cluster, store, transforms
+from pipeline import cluster
+from pipeline.cache import store
+from pipeline.matching import transforms
 from pipeline.config import check_policy
 from pipeline.errors import PipelineError, report_skipped
-from pipeline.matching import FeatureMap, TargetIndex, match_dift, match_fast
-from pipeline.metrics import bbox_threshold
+from pipeline.cache.maps import StoreMaps, selection
+from pipeline.matching.protocols import TargetIndex, match_dift, match_fast
+from pipeline.evaluation.metrics import bbox_threshold
 
 PROTOCOLS = ("dift", "fast")
 TARGETS_PER_ROW_GROUP = 32
-
-
-def _selection(requested, available, field: str, path) -> list:
-    if not requested:
-        return list(available)
-    unknown = [v for v in requested if v not in available]
-    if unknown:
-        raise PipelineError(path, field, f"unknown {field} {unknown[0]!r}; the store has {list(available)}")
-    return list(requested)
-
-
-class StoreMaps:
-    """Feature maps of one store as `FeatureMap`s, read one (image, timestep) chunk at a time."""
-
-    def __init__(self, path: str | Path):
-        self.path = store.location(path)
-        self.root = store.open_existing(path)
-        if self.root.attrs.get("kind") != "features":
-            raise PipelineError(path, "kind", "not a features store")
-        self.images = store.read_images(self.root).set_index("image")
-        self.position = {image: i for i, image in enumerate(self.images.index)}
-        self.timesteps = [int(t) for t in self.root["timestep"][:]]
-        self.layers = store.layers(self.root)
-        self.name = self.root.attrs.get("name", Path(str(self.path)).stem)
-        self.fingerprint = self.root.attrs["fingerprint"]
-        self.load = lru_cache(maxsize=8)(self._load)
-        self.massive = lru_cache(maxsize=None)(self._massive)
-
-    def __reduce__(self):
-        # Shipped to dask workers as its path: each worker opens the store itself.
-        return StoreMaps, (self.path,)
-
-    def check_images(self, keys) -> None:
-        for key in keys:
-            if key not in self.position:
-                raise PipelineError(self.path, "image", f"store has no image {key!r} (built for another split?)")
-            if self.images.at[key, "error"]:
-                raise PipelineError(self.path, "images/error", f"image {key!r} was skipped: {self.images.at[key, 'error']}")
-            if not self.images.at[key, "done"]:
-                raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
-
-    def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
-        features = self.root[layer]["features"][self.position[image], self.timesteps.index(timestep)]
-        features = features.astype(np.float32)
-        if not np.isfinite(features).all():
-            raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
-        return features
-
-    def dropped(self, layer: str, timestep: int, spec: str) -> str:
-        """The channels `drop:auto` zeroes for this variant, as recorded in predictions."""
-        return ",".join(map(str, self.massive(layer, timestep))) if "drop:auto" in spec else ""
-
-    def _massive(self, layer: str, timestep: int, sample: int = 16) -> tuple[int, ...]:
-        """Massive channels of a layer at a timestep, from its first `sample` images."""
-        done = [image for image in self.images.index if self.images.at[image, "done"]][:sample]
-        stacked = np.stack([self.raw(image, layer, timestep) for image in done])
-        return transforms.massive_channels(transforms.channel_magnitudes(stacked))
-
-    def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
-        node = self.root[layer]
-        features = self.raw(image, layer, timestep)
-        steps = transforms.parse(transform)
-        if steps:
-            index, t = self.position[image], self.timesteps.index(timestep)
-            has_modulation = "shift" in node and "scale" in node
-            shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
-            scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
-            try:
-                features = transforms.apply(steps, features, self.massive(layer, timestep), shift, scale)
-            except PipelineError as exc:
-                raise PipelineError(self.path, f"{layer}: transform {transform}", exc.reason) from None
-        row = self.images.loc[image]
-        return FeatureMap(features, int(row["width"]), int(row["height"]), float(row["valid_x1"]),
-                          float(row["valid_y1"]), float(node.attrs["stride"]))
 
 
 @dataclass(frozen=True)
@@ -122,8 +50,8 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str =
     check_policy(on_error)
     if protocol not in PROTOCOLS:
         raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    layers = _selection(layers, maps.layers, "layer", maps.path)
-    timesteps = _selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
+    layers = selection(layers, maps.layers, "layer", maps.path)
+    timesteps = selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
     transform_specs = list(transform_specs or ["raw"])
     for spec in transform_specs:
         transforms.parse(spec)  # refuse a bad spec before any work
@@ -144,9 +72,9 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str =
 
 def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
                 top_k: int = 10, transform_specs=("raw",), client=None, on_error: str = "fail") -> pd.DataFrame:
-    """The predictions table (see pipeline.metrics) for every pair, keypoint, layer, timestep and
-    feature transform (see pipeline.transforms), in memory. `path` is a store, or maps already opened
-    (StoreMaps, or pipeline.fusion.FusedMaps). For a resumable run into a file, see `match_to_file`."""
+    """The predictions table (see pipeline.evaluation.metrics) for every pair, keypoint, layer, timestep and
+    feature transform (see pipeline.matching.transforms), in memory. `path` is a store, or maps already opened
+    (StoreMaps, or pipeline.matching.fusion.FusedMaps). For a resumable run into a file, see `match_to_file`."""
     maps = path if hasattr(path, "load") else StoreMaps(path)
     request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
     frames = dict(_run(maps, request, pairs, request.targets, client))

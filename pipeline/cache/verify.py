@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import store
+from pipeline.cache import store
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import hub, store
-from pipeline.backbones import VAE_FACTOR
+from pipeline.cache import store
+from pipeline.models import hub
+from pipeline.models.backbones import VAE_FACTOR
 from pipeline.config import EncoderParams, check_policy
+from pipeline.data.images import open_rgb
 from pipeline.errors import PipelineError, report_skipped
 
 CANVAS_MODES = ("squash", "pad")
@@ -38,13 +40,7 @@ def canvas_geometry(width: int, height: int, size: int, mode: str) -> tuple[int,
 
 def load_canvas(path: Path, size: int, mode: str) -> torch.Tensor:
     """The image as a (3, size, size) tensor in [-1, 1]."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")  # grayscale, CMYK, RGBA all become RGB
-    except FileNotFoundError:
-        raise PipelineError(path, None, "image is missing") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(path, None, f"unreadable image ({exc})") from None
+    rgb = open_rgb(path)
     w, h = canvas_geometry(rgb.width, rgb.height, size, mode)
     pixels = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1.0
     canvas = np.zeros((size, size, 3), np.float32)

@@ -15,10 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline import hub, realsize
+from pipeline.models import hub, realsize
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.tiny_models import TINY_BUILDERS, make_tiny
+from pipeline.demo.tiny_models import TINY_BUILDERS, make_tiny
 
 BACKBONE_COMPONENTS = {
     "sd2": ["text_encoder", "tokenizer", "unet", "scheduler"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.backbones import VAE_FACTOR, Backbone, capture, until_captured
+from pipeline.models.backbones import VAE_FACTOR, Backbone, capture, until_captured
 
 
 class SD2(Backbone):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.match import StoreMaps
-from pipeline.matching import FeatureMap
+from pipeline.cache.maps import StoreMaps
+from pipeline.matching.protocols import FeatureMap
 
 
 class FusedMaps:
@@ -27,10 +27,7 @@ class FusedMaps:
         self.arguments = (list(paths), list(layers), list(timesteps), list(weights))
         self.parts = [StoreMaps(path) for path in paths]
         for maps, layer, timestep in zip(self.parts, layers, timesteps):
-            if layer not in maps.layers:
-                raise PipelineError(maps.path, "layer", f"unknown layer {layer!r}; the store has {maps.layers}")
-            if timestep not in maps.timesteps:
-                raise PipelineError(maps.path, "timestep", f"unknown timestep {timestep}; the store has {maps.timesteps}")
+            maps.check_variant(layer, timestep)
         self.layers_of, self.timesteps_of, self.weights = list(layers), list(timesteps), list(weights)
         self.name = "+".join(f"{maps.name}*{w:g}" for maps, w in zip(self.parts, weights))
         self.layers = ["+".join(layers)]

@@ -1,0 +1,106 @@
+"""A features store read as feature maps: what matching, fusion, figures and the CLI read a store with.
+
+Maps are read one (image, timestep) chunk at a time through a small cache; feature transforms
+(pipeline/matching/transforms.py) are applied as they are read.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.errors import PipelineError
+from pipeline.matching import transforms
+from pipeline.matching.protocols import FeatureMap
+
+
+def selection(requested, available, field: str, path) -> list:
+    if not requested:
+        return list(available)
+    unknown = [v for v in requested if v not in available]
+    if unknown:
+        raise PipelineError(path, field, f"unknown {field} {unknown[0]!r}; the store has {list(available)}")
+    return list(requested)
+
+
+class StoreMaps:
+    """Feature maps of one store as `FeatureMap`s, read one (image, timestep) chunk at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = store.location(path)
+        self.root = store.open_existing(path)
+        if self.root.attrs.get("kind") != "features":
+            raise PipelineError(path, "kind", "not a features store")
+        self.images = store.read_images(self.root).set_index("image")
+        self.position = {image: i for i, image in enumerate(self.images.index)}
+        self.timesteps = [int(t) for t in self.root["timestep"][:]]
+        self.layers = store.layers(self.root)
+        self.name = self.root.attrs.get("name", Path(str(self.path)).stem)
+        self.fingerprint = self.root.attrs["fingerprint"]
+        self.load = lru_cache(maxsize=8)(self._load)
+        self.massive = lru_cache(maxsize=None)(self._massive)
+
+    def __reduce__(self):
+        # Shipped to dask workers as its path: each worker opens the store itself.
+        return StoreMaps, (self.path,)
+
+    def check_variant(self, layer: str, timestep: int) -> None:
+        """Refuse a layer or timestep the store does not have, in one line."""
+        selection([layer], self.layers, "layer", self.path)
+        selection([int(timestep)], self.timesteps, "timestep", self.path)
+
+    def image_key_for(self, path: str | Path) -> str:
+        """The store's image key (`<category>/<name>`) of an image file in the SPair layout
+        (`JPEGImages/<category>/<name>.jpg`)."""
+        path = Path(path)
+        key = f"{path.parent.name}/{path.stem}"
+        if key not in self.position:
+            raise PipelineError(path, "image", f"store {self.path} has no image {key!r} "
+                                               "(expected JPEGImages/<category>/<name>.* of the store's split)")
+        return key
+
+    def check_images(self, keys) -> None:
+        for key in keys:
+            if key not in self.position:
+                raise PipelineError(self.path, "image", f"store has no image {key!r} (built for another split?)")
+            if self.images.at[key, "error"]:
+                raise PipelineError(self.path, "images/error", f"image {key!r} was skipped: {self.images.at[key, 'error']}")
+            if not self.images.at[key, "done"]:
+                raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
+
+    def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
+        features = self.root[layer]["features"][self.position[image], self.timesteps.index(timestep)]
+        features = features.astype(np.float32)
+        if not np.isfinite(features).all():
+            raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
+        return features
+
+    def dropped(self, layer: str, timestep: int, spec: str) -> str:
+        """The channels `drop:auto` zeroes for this variant, as recorded in predictions."""
+        return ",".join(map(str, self.massive(layer, timestep))) if "drop:auto" in spec else ""
+
+    def _massive(self, layer: str, timestep: int, sample: int = 16) -> tuple[int, ...]:
+        """Massive channels of a layer at a timestep, from its first `sample` images."""
+        done = [image for image in self.images.index if self.images.at[image, "done"]][:sample]
+        stacked = np.stack([self.raw(image, layer, timestep) for image in done])
+        return transforms.massive_channels(transforms.channel_magnitudes(stacked))
+
+    def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
+        node = self.root[layer]
+        features = self.raw(image, layer, timestep)
+        steps = transforms.parse(transform)
+        if steps:
+            index, t = self.position[image], self.timesteps.index(timestep)
+            has_modulation = "shift" in node and "scale" in node
+            shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
+            scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
+            try:
+                features = transforms.apply(steps, features, self.massive(layer, timestep), shift, scale)
+            except PipelineError as exc:
+                raise PipelineError(self.path, f"{layer}: transform {transform}", exc.reason) from None
+        row = self.images.loc[image]
+        return FeatureMap(features, int(row["width"]), int(row["height"]), float(row["valid_x1"]),
+                          float(row["valid_y1"]), float(node.attrs["stride"]))
