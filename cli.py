@@ -28,16 +28,34 @@ def cli():
     """Cache diffusion features for semantic correspondence; match and score from cache."""
 
 
+def _settings(params_file: Path):
+    """params.yaml: the defaults of every option below, so the CLI and `dvc repro` compute the same thing.
+    Without the default file (a command run outside a project), the built-in defaults."""
+    from pipeline.config import PARAMS_FILE, Params, load_params
+
+    if params_file == PARAMS_FILE and not params_file.exists():
+        return Params()
+    return load_params(params_file)
+
+
 def _dask_options(command):
     """--scheduler / --workers: run on dask.distributed (see README, "Distributed runs")."""
-    command = click.option("--workers", type=int, default=1, show_default=True,
-                           help="Worker processes of a local dask cluster (1: no dask).")(command)
+    command = click.option("--workers", type=int, default=None,
+                           help="Worker processes of a local dask cluster (1: no dask); default dask.workers.")(command)
     return click.option("--scheduler", default=None,
-                        help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786.")(command)
+                        help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786; default dask.scheduler.")(command)
 
 
-_on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
-                                help="skip: leave bad items out, list them, go on.")
+def _cluster(params, scheduler, workers):
+    from pipeline import cluster
+
+    return cluster.connect(scheduler or params.dask.scheduler, workers or params.dask.workers)
+
+
+_on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None,
+                                help="skip: leave bad items out, list them, go on; default on_error in params.yaml.")
+_params_option = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
+                              show_default=True, help="Parameters file: the defaults of every option.")
 
 @cli.command()
 @click.argument("dataset")
@@ -66,7 +84,8 @@ def download(dataset, dest, url, sha256):
 @click.option("--category", "categories", multiple=True, help="Keep only these categories (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Demo generator seed.")
 @_on_error_option
-def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_error):
+@_params_option
+def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_error, params_file):
     """Read one split into a pairs table and an images table."""
     from pipeline import demo
     from pipeline.data import spair
@@ -75,6 +94,7 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_
         demo.generate(root, demo.DemoSpec(seed=seed))
     from pipeline.errors import report_skipped
 
+    on_error = on_error or _settings(params_file).on_error
     tables = spair.load_split(root, split, layout=layout, categories=list(categories), on_error=on_error)
     images_out = images_out or out.with_name(f"{out.stem}-images.parquet")
     spair.write_split(tables, out, images_out, out.with_name(f"{out.stem}-skipped.csv"))
@@ -90,19 +110,17 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_
 @click.option("--table", "table_path", type=click.Path(path_type=Path), default=Path("metrics/pck.csv"),
               show_default=True)
 @_dask_options
-def evaluate(predictions, metrics_path, table_path, scheduler, workers):
+@_params_option
+def evaluate(predictions, metrics_path, table_path, scheduler, workers, params_file):
     """PCK of one or more predictions tables (parquet)."""
-    from pipeline import cluster
     from pipeline.evaluation import metrics
 
-    with cluster.connect(scheduler, workers) as client:
+    with _cluster(_settings(params_file), scheduler, workers) as client:
         table = metrics.score_files(predictions, client)
     metrics.write_metrics(table, metrics_path, table_path)
     click.echo(metrics.format_headline(table))
 
 
-_params_option = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
-                              show_default=True, help="Parameters file.")
 
 
 _check_disk_option = click.option(
@@ -130,7 +148,7 @@ def plan(params_file, images, as_json):
 @click.option("--encoder", required=True, help="Name under `encoders` in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Latents store; default <store>/latents/<encoder>.zarr.")
-@click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@click.option("--overwrite", is_flag=True, help="Replace the store at that path, whatever it holds (it says what it replaced).")
 @_on_error_option
 @_params_option
 @_check_disk_option
@@ -138,14 +156,13 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
     """Every image of the prepared split through one VAE (posterior mean and std)."""
     import pandas as pd
 
-    from pipeline.config import load_params
     from pipeline.cache.encode import encode as run_encode
 
-    params = load_params(params_file)
+    params = _settings(params_file)
     images = pd.read_parquet(params.data.images)
     out = out or params.latents_path(encoder)
-    run_encode(params.encoder(encoder), images, params.data.root, out, overwrite,
-               {"root": params.data.root, "split": params.data.split}, on_error,
+    run_encode(params.encoder(encoder), images, params.data.root, out, "any" if overwrite else "never",
+               {"root": params.data.root, "split": params.data.split}, on_error or params.on_error,
                params.check_disk if check_disk is None else check_disk)
     click.echo(f"latents -> {out}")
 
@@ -154,22 +171,21 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
 @click.option("--backbone", required=True, help="Name under `backbones` in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Features store; default <store>/<backbone>.zarr.")
-@click.option("--overwrite", is_flag=True, help="Replace a store built with other parameters.")
+@click.option("--overwrite", is_flag=True, help="Replace the store at that path, whatever it holds (it says what it replaced).")
 @_dask_options
 @_on_error_option
 @_params_option
 @_check_disk_option
 def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file, check_disk):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
-    from pipeline import cluster
-    from pipeline.config import load_params
     from pipeline.cache.extract import extract as run_extract
 
-    params = load_params(params_file)
+    params = _settings(params_file)
     spec = params.backbone(backbone)
     out = out or params.store_path(backbone)
-    with cluster.connect(scheduler, workers) as client:
-        run_extract(spec, backbone, params.latents_path(spec.latents), out, overwrite, client, on_error,
+    with _cluster(params, scheduler, workers) as client:
+        run_extract(spec, backbone, params.latents_path(spec.latents), out, "any" if overwrite else "never", client,
+                    on_error or params.on_error,
                     params.check_disk if check_disk is None else check_disk)
     click.echo(f"features -> {out}")
 
@@ -181,45 +197,44 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
               help="Pairs table; default data.pairs in params.yaml.")
 @click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
 @click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
-@click.option("--protocol", type=click.Choice(["dift", "fast"]), default="dift", show_default=True)
-@click.option("--top-k", type=int, default=10, show_default=True, help="fast: FAISS candidates refined per keypoint.")
+@click.option("--protocol", type=click.Choice(["dift", "fast"]), default=None, help="Default match.protocol.")
+@click.option("--top-k", type=int, default=None, help="fast: FAISS candidates refined per keypoint; default match.top_k.")
 @click.option("--transform", "transform_specs", multiple=True,
               help="Feature transform (repeatable): raw, layernorm, adaln, drop:auto, drop:i,j, joined with +; "
-                   "default raw.")
+                   "default match.transforms of the store's backbone name (raw if it has none).")
 @click.option("--weights", default=None, help="Fusion: one weight per store, e.g. 0.5,0.5.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Predictions table; default predictions/<store name>.parquet.")
+              help="Predictions table; default <match.predictions>/<store name>.parquet.")
 @_dask_options
 @_on_error_option
 @_params_option
 def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, weights, out, scheduler, workers, on_error,
           params_file):
-    """Predict every target keypoint from a cached store and print PCK per layer and timestep."""
+    """Predict every target keypoint from a cached store and print PCK per layer and timestep. Every option
+    left out takes its value from params.yaml, so this gives the predictions of the `match@<backbone>` stage."""
     import pandas as pd
 
-    from pipeline import cluster
+    from pipeline.cache.maps import StoreMaps
     from pipeline.evaluation import metrics
     from pipeline.matching.match import match_to_file
 
-    if pairs is None:
-        from pipeline.config import load_params
-
-        pairs = Path(load_params(params_file).data.pairs)
-    table = pd.read_parquet(pairs)
-    source, name = paths[0], Path(paths[0]).stem
+    params = _settings(params_file)
+    table = pd.read_parquet(pairs or params.data.pairs)
+    source = StoreMaps(paths[0])
+    name, specs = source.name, transform_specs or params.match.transforms_for(source.name)
     if len(paths) > 1:
         from pipeline.matching.fusion import FusedMaps
-        from pipeline.cache.maps import StoreMaps
 
         chosen_timesteps = list(timesteps) or [StoreMaps(p).timesteps[0] for p in paths]
         split_weights = [float(w) for w in weights.split(",")] if weights else [1.0] * len(paths)
         source = FusedMaps(list(paths), list(layers), chosen_timesteps, split_weights)
         name, layers, timesteps = "fused-" + "-".join(Path(p).stem for p in paths), None, None
-    out = out or Path("predictions") / f"{name}.parquet"
+        specs = transform_specs or ["raw"]
+    out = out or Path(params.match.predictions) / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with cluster.connect(scheduler, workers) as client:
-        match_to_file(source, table, out, layers, timesteps, protocol, top_k, transform_specs or ("raw",), client,
-                      on_error)
+    with _cluster(params, scheduler, workers) as client:
+        match_to_file(source, table, out, layers, timesteps, protocol or params.match.protocol,
+                      top_k or params.match.top_k, specs, client, on_error or params.on_error)
         click.echo(metrics.format_headline(metrics.score_files([out], client)))
     click.echo(f"predictions -> {out}")
 
@@ -237,11 +252,10 @@ def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
     """Heatmaps: the query on the source, the cosine map on the target, per store and layer."""
     import pandas as pd
 
-    from pipeline.config import load_params
-    from pipeline.evaluation.figures import Variant, heatmaps
     from pipeline.cache.maps import StoreMaps
+    from pipeline.evaluation.figures import Variant, heatmaps
 
-    data = load_params(params_file).data
+    data = _settings(params_file).data
     variants = []
     for path in stores:
         maps = StoreMaps(path)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -27,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache.sizes import (ACTIVATION_FACTOR, MetaRun, _dtype, _LargestOutput, check_disk, disk_free,  # noqa: F401
+                                  human, latents_bytes_per_image, meta_run, parameters, stored_bytes,
+                                  text_components)
 from pipeline.models.backbones import OFFLOAD
 from pipeline.config import BackboneParams, EncoderParams, Params
 from pipeline.errors import PipelineError
@@ -35,9 +37,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DIFT_SECONDS = 0.203  # DIFT paper: SD2.1, 768 px, up_blocks.1, t=261, ensemble 8, one A6000
 MATCH_SECONDS_PER_PAIR = 0.038  # benchmarks/match.py, `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
 SPAIR_TEST_PAIRS_PER_IMAGE = 12234 / 1800  # SPair-71k test: 12,234 pairs over its 1,800 images
-ACTIVATION_FACTOR = 3
-TEXT_COMPONENTS = {"sd2": ["text_encoder"], "sd3": ["text_encoder", "text_encoder_2"],
-                   "flux": ["text_encoder", "text_encoder_2"]}
 DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
@@ -86,175 +85,9 @@ def latent_channels(encoder: EncoderParams, params: Params | None = None) -> int
     return int(json.loads((model_configs(encoder.model, params) / "vae" / "config.json").read_text())["latent_channels"])
 
 
-# ---- the meta-device run ------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class MetaRun:
-    shapes: dict[tuple[str, str], tuple[int, ...]]  # (layer, array) -> shape of one image at one timestep
-    flops: int  # one forward pass of one ensemble member
-    largest_activation: int  # bytes of the largest tensor an op produced, one ensemble member
-    text_parameters: int
-    denoiser_parameters: int
-    resident_parameters: int  # on the device under `offload: blocks`: the largest block and what is in no block
-
-
-def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> MetaRun:
-    """Build `backbone` from `configs` on the meta device and run one image, one member, one timestep."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.models.backbones import ConfigParts, make_backbone
-    from pipeline.cache.extract import layer_tensors
-
-    one = dataclasses.replace(backbone, ensemble=1, timesteps=backbone.timesteps[:1])
-    parts = ConfigParts(configs, dtype=_dtype(backbone.dtype, "backbones"))
-    model = make_backbone(one, {**latents_attrs, "model": backbone.model}, parts, ["plan"])
-    model.check_layers(backbone.layers)
-    side = latents_attrs["canvas"] // 8 if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
-    latent = torch.zeros(latents_attrs["latent_channels"], side, side)
-    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest:
-        tensors = layer_tensors(one, model, "plan/x", "plan", latent, latent, one.timesteps[0])
-    denoiser = model.denoiser()
-    blocks = [block for module in (denoiser.children() if denoiser is not None else [])
-              if isinstance(module, torch.nn.ModuleList) for block in module]
-    block_sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
-    total = sum(p.numel() for p in denoiser.parameters()) if denoiser is not None else 0
-    return MetaRun(
-        shapes={key: tuple(value.shape) for key, value in tensors.items()}, flops=int(flops.get_total_flops()),
-        largest_activation=largest.bytes, text_parameters=sum(parameters(parts, c) for c in text_components(backbone)),
-        denoiser_parameters=total, resident_parameters=total - sum(block_sizes) + max(block_sizes, default=0),
-    )
-
-
-class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
-    """The bytes of the largest tensor any op produces, attention's internals left out: on CUDA
-    scaled_dot_product_attention runs fused kernels that never hold the score matrix."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes, self._in_attention = 0, 0
-
-    def __enter__(self):
-        import torch.nn.functional as F
-
-        self._sdpa = F.scaled_dot_product_attention
-
-        def fused(*args, **kwargs):
-            self._in_attention += 1
-            try:
-                out = self._sdpa(*args, **kwargs)
-            finally:
-                self._in_attention -= 1
-            self._record(out)
-            return out
-
-        F.scaled_dot_product_attention = fused
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        import torch.nn.functional as F
-
-        F.scaled_dot_product_attention = self._sdpa
-        return super().__exit__(*exc)
-
-    def _record(self, out):
-        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(tensor, torch.Tensor):
-                self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self._in_attention:
-            self._record(out)
-        return out
-
-
-def _dtype(name: str, section: str) -> torch.dtype:
-    from pipeline.models import hub
-
-    if name not in hub.DTYPES:
-        raise PipelineError("params.yaml", f"{section}: dtype", f"unknown dtype {name!r}; expected one of {sorted(hub.DTYPES)}")
-    return hub.DTYPES[name]
-
-
-def text_components(backbone: BackboneParams) -> list[str]:
-    return TEXT_COMPONENTS.get(backbone.kind, []) + (["text_encoder_3"] if backbone.kind == "sd3" and backbone.t5 else [])
-
-
-def parameters(parts, component: str | None) -> int:
-    """Parameters of one component built on the meta device (0 for tokenizers and schedulers)."""
-    if component is None:  # a single transformers model: DINOv2, or CLIP (the repository holds text and vision)
-        from transformers import CLIPModel, Dinov2Model
-
-        cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPModel
-    else:
-        cls = parts.component_class(component)
-    if not issubclass(cls, torch.nn.Module):
-        return 0
-    return sum(p.numel() for p in parts.load(cls, component).parameters())
-
-
 def latents_attrs_for(encoder: EncoderParams, params: Params | None = None) -> dict:
     return {"canvas": encoder.canvas, "encoder": "pixels" if encoder.kind == "pixels" else "vae",
             "scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": latent_channels(encoder, params)}
-
-
-def stored_bytes(run: MetaRun, timesteps: int) -> int:
-    """Bytes of one image in a features store: float16 arrays, plus an int64 overflow count per layer."""
-    arrays = sum(2 * _numel(shape) for shape in run.shapes.values())
-    layers = len({layer for layer, _ in run.shapes})
-    return timesteps * (arrays + 8 * layers)
-
-
-def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: dict, pending: int) -> None:
-    """`check_disk` for a features store; skipped, with a note, for a model whose configs are unknown here
-    (a hub id without a local folder: its configs would need the network)."""
-    import sys
-
-    try:
-        configs = model_configs(backbone.model)
-    except PipelineError as exc:
-        print(f"{out}: disk space not checked ({exc.reason})", file=sys.stderr)
-        return
-    run = meta_run(backbone, latents_attrs, configs)
-    check_disk(out, pending * stored_bytes(run, len(backbone.timesteps)), pending)
-
-
-def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
-    side = encoder.canvas if encoder.kind == "pixels" else encoder.canvas // 8
-    return 2 * side * side * channels * 4  # mean and std, float32
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-# ---- disk ---------------------------------------------------------------------------------------
-
-def disk_free(path: str | Path) -> int:
-    folder = Path(path).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def check_disk(out: str | Path, needed: int, images: int) -> None:
-    """Refuse to start a store that cannot fit (`check_disk: false` in params.yaml overrides)."""
-    free = disk_free(out)
-    if needed > free:
-        raise PipelineError(out, "disk", f"{images} images need {human(needed)} (uncompressed) but {human(free)} "
-                                         "are free there; free space, point `store:` elsewhere, or set "
-                                         "`check_disk: false` to start anyway")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 # ---- rates --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ def main(name: str) -> None:
     params = load_params()
     images = pd.read_parquet(params.data.images)
     dataset = {"root": params.data.root, "split": params.data.split}
-    # Under DVC, changed parameters mean "rebuild": the store is replaced, not refused.
-    encode(params.encoder(name), images, params.data.root, params.latents_path(name), overwrite=True, dataset=dataset,
+    # Under DVC, a changed dependency means "rebuild": see stages/extract.py.
+    encode(params.encoder(name), images, params.data.root, params.latents_path(name), replace="outdated", dataset=dataset,
            on_error=params.on_error,
            check_disk=params.check_disk)
 

@@ -11,10 +11,10 @@ from stages import run
 def main(name: str) -> None:
     params = load_params()
     backbone = params.backbone(name)
-    # Under DVC, changed parameters mean "rebuild": a store with another fingerprint is replaced;
-    # one with the same fingerprint resumes.
+    # Under DVC, a changed dependency means "rebuild": a store built with other parameters, model or code
+    # is replaced (and the stage says so); one with the same fingerprint resumes; an unreadable one is left.
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
-        extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), overwrite=True,
+        extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), replace="outdated",
                 client=client, on_error=params.on_error, check_disk=params.check_disk)
 
 

@@ -17,7 +17,8 @@ from pipeline.config import BackboneParams, EncoderParams, load_params
 from pipeline.cache.encode import encode, load_canvas
 from pipeline.errors import PipelineError
 from pipeline.cache.extract import extract
-from pipeline.matching.match import match_store
+from pipeline.evaluation.metrics import pck_table, read_coverage, score_files
+from pipeline.matching.match import match_store, match_to_file
 from pipeline.data.spair import load_split
 
 PAIR = "000002-demo_00000-demo_00001:star"
@@ -152,7 +153,7 @@ def test_store_with_another_fingerprint_is_refused_and_kept(demo_stores, tmp_pat
     before = store_files(path)
     with pytest.raises(PipelineError) as failed:
         _vae_sd3(demo_stores, path, seed=3)
-    assert one_line(failed) == (f"{path}: fingerprint: store was built with other parameters (seed: 0 -> 3); "
+    assert one_line(failed) == (f"{path}: fingerprint: store was built with other parameters, model or code (seed: 0 -> 3); "
                                 "pass --overwrite to rebuild it or choose another --store")
     assert store_files(path) == before
 
@@ -224,6 +225,17 @@ def test_non_finite_features_fail_or_skip(demo_stores, tmp_path, poisoned, capsy
     assert set(predictions["category"]) == {"star", "tile"}
     assert set(predictions["pair"]) == set(pairs.loc[pairs["category"] != "blob", "filename"])
     assert f"skipped {int((pairs['category'] == 'blob').sum())} item(s)" in capsys.readouterr().err
+    # The skipped pairs travel with the predictions, with their reason, and every PCK table counts them.
+    written = match_to_file(out, pairs, tmp_path / "p.parquet", on_error="skip")
+    coverage = read_coverage(written)
+    blob_pairs = sorted(pairs.loc[pairs["category"] == "blob", "filename"])
+    assert sorted(pair for pair, _, _ in coverage["skipped"]) == blob_pairs
+    assert all(category == "blob" and "images/error: image 'blob/" in reason for _, category, reason in coverage["skipped"])
+    table = score_files([written])
+    pooled = table[(table["category"] == "all") & (table["kind"] == "per_image")]
+    assert (pooled["pairs"] == len(pairs) - len(blob_pairs)).all() and (pooled["split_pairs"] == len(pairs)).all()
+    assert (table.loc[table["category"] == "blob", "pairs"].empty)
+    assert (pck_table(predictions)["split_pairs"].max()) == len(pairs)
 
 
 def test_non_finite_values_in_a_cached_store_are_reported(demo_stores, tmp_path):

@@ -1,11 +1,13 @@
 """`dvc repro` end to end in a scratch git repository holding a copy of the project."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -39,6 +41,15 @@ def project(tmp_path):
     return root
 
 
+def _leaves(node: dict):
+    """The innermost dicts of metrics/pck.json: one per variant."""
+    if "per_image" in node:
+        yield node
+        return
+    for child in node.values():
+        yield from _leaves(child)
+
+
 def _stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
@@ -55,6 +66,15 @@ def test_repro_then_noop_then_only_dependents(project):
     for backbone in params["backbones"]:
         assert (project / "store" / f"{backbone}.zarr" / "zarr.json").is_file()
     assert _stages_run(_run(project, *dvc, "repro")) == set()
+
+    # The CLI reads its defaults from params.yaml: the same predictions as the stage, row for row.
+    _run(project, sys.executable, "cli.py", "match", "--store", "store/sd3.zarr", "--out", "cli-sd3.parquet")
+    stage, by_cli = (pd.read_parquet(project / name) for name in ("predictions/sd3.parquet", "cli-sd3.parquet"))
+    assert set(stage["transform"]) == set(params["match"]["transforms"]["sd3"])  # not just the built-in "raw"
+    pd.testing.assert_frame_equal(by_cli, stage)
+    coverage = json.loads((project / "metrics" / "pck.json").read_text())["sd3"]
+    pairs = len(pd.read_parquet(project / "data" / "prepared" / "pairs.parquet"))
+    assert {leaf["split_pairs"] for leaf in _leaves(coverage)} == {pairs}
 
     params["backbones"]["vae-sd3"]["latent"] = "sample"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

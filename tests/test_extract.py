@@ -44,9 +44,9 @@ def _params(world, template, **changes):
     return replace(template, model=model, latents=str(latents), **changes), latents
 
 
-def _run(world, template, out, overwrite=False, **changes):
+def _run(world, template, out, replace="never", **changes):
     params, latents = _params(world, template, **changes)
-    return extract(params, template.kind, latents, out, overwrite=overwrite)
+    return extract(params, template.kind, latents, out, replace=replace)
 
 
 def _canvas(world, index):
@@ -139,10 +139,10 @@ def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch)
 
 def test_other_parameters_are_refused_unless_overwrite(world, tmp_path):
     path = _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.1"])
-    with pytest.raises(PipelineError, match=r"s.zarr: fingerprint: store was built with other parameters \(seed: 0 -> 7\)"):
+    with pytest.raises(PipelineError, match=r"s.zarr: fingerprint: store was built with other parameters, model or code \(seed: 0 -> 7\)"):
         _run(world, SD2, path, layers=["up_blocks.1"], seed=7)
     assert store.done_mask(zarr.open_group(path, mode="r")).all()  # nothing lost
-    _run(world, SD2, path, layers=["up_blocks.1"], seed=7, overwrite=True)
+    _run(world, SD2, path, layers=["up_blocks.1"], seed=7, replace="any")
     assert zarr.open_group(path, mode="r").attrs["seed"] == 7
 
 
@@ -215,7 +215,7 @@ def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
     result = runner.invoke(cli, ["extract", "--backbone", "b", "--store", "b.zarr"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: b.zarr: fingerprint: store was built with other parameters (timesteps: [261] -> [500]); "
+        "error: b.zarr: fingerprint: store was built with other parameters, model or code (timesteps: [261] -> [500]); "
         "pass --overwrite to rebuild it or choose another --store"]
     result = runner.invoke(cli, ["extract", "--backbone", "nope"])
     assert result.exit_code == 2 and "backbones: unknown name 'nope'" in result.output
@@ -264,7 +264,7 @@ def test_pad_canvas_records_the_valid_region(world, tmp_path):
 
 
 def test_model_identity_tells_reinitialised_weights_apart(tmp_path):
-    from pipeline.models.hub import model_identity
+    from pipeline.cache.provenance import model_identity
 
     a, b, c = (make_tiny("tiny-sd2", tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     assert model_identity(str(a)) == model_identity(str(b)) != model_identity(str(c))
@@ -321,7 +321,7 @@ def test_offloading_the_denoiser_block_by_block_gives_the_same_store(world, tmp_
 
 
 def test_extract_refuses_a_store_that_cannot_fit_on_its_disk(world, tmp_path, monkeypatch):
-    from pipeline import plan
+    from pipeline.cache import sizes as plan
 
     monkeypatch.setattr(plan, "disk_free", lambda path: 999)
     out = tmp_path / "s.zarr"
@@ -340,12 +340,12 @@ def test_extract_refuses_a_store_that_cannot_fit_on_its_disk(world, tmp_path, mo
 def test_the_disk_check_counts_every_image_of_a_store_it_would_replace(world, tmp_path, monkeypatch):
     """A finished store built with other parameters is no head start: the rebuild needs room for every
     image, and when there is none the old store is left as it is."""
-    from pipeline import plan
+    from pipeline.cache import sizes as plan
 
     out = tmp_path / "s.zarr"
     _run(world, SD2, out, layers=["up_blocks.0"])
     before = store_files(out)
     monkeypatch.setattr(plan, "disk_free", lambda path: 30_000)  # more than one image of up_blocks.0, less than 6 of 3 layers
     with pytest.raises(PipelineError, match=r"disk: 6 images need"):
-        _run(world, SD2, out, overwrite=True)
+        _run(world, SD2, out, replace="any")
     assert store_files(out) == before

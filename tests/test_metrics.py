@@ -1,9 +1,10 @@
+import json
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.metrics import best_variants, bbox_threshold, metrics_summary, pck_table
+from pipeline.evaluation.metrics import COVERAGE_KEY, format_headline, read_coverage, score_files, best_variants, bbox_threshold, metrics_summary, pck_table
 
 
 def _predictions(**variant):
@@ -60,7 +61,8 @@ def test_variants_are_scored_separately():
     assert summary["up_blocks.1"]["261"]["per_image"] == 1.0
     assert summary["up_blocks.0"]["261"]["per_image_mean_of_categories"] == 0.375
     assert best_variants(table) == {"all": {"layer": "up_blocks.1", "timestep": 261, "per_image": 1.0,
-                                            "per_point": 1.0, "per_image_mean_of_categories": 1.0}}
+                                            "per_point": 1.0, "per_image_mean_of_categories": 1.0,
+                                            "pairs": 3, "split_pairs": 3}}
 
 
 def test_identity_predictions_score_one():
@@ -72,3 +74,27 @@ def test_identity_predictions_score_one():
 def test_missing_columns_are_named():
     with pytest.raises(PipelineError, match=r"predictions: missing columns \['threshold'\]"):
         pck_table(_predictions().drop(columns="threshold"))
+
+
+def test_coverage_counts_the_pairs_of_the_split_not_just_the_scored_ones(tmp_path):
+    frame = _predictions(layer="l")
+    frame.attrs[COVERAGE_KEY] = {"pairs": {"cat": 3, "dog": 2, "eel": 1},
+                                 "skipped": [["d", "dog", "image not extracted"], ["e", "eel", "image not extracted"]]}
+    table = pck_table(frame)
+    rows = table[(table["kind"] == "per_image") & np.isclose(table["alpha"], 0.1)].set_index("category")
+    assert rows.loc["all", "pairs"] == 3 and rows.loc["all", "split_pairs"] == 6
+    assert rows.loc["cat", "split_pairs"] == 3 and rows.loc["dog", "split_pairs"] == 2
+    assert (rows.loc["dog", "pairs"], rows.loc["mean", "split_pairs"]) == (1, 6)
+    assert metrics_summary(table)["l"]["pairs"] == 3 and metrics_summary(table)["l"]["split_pairs"] == 6
+    assert "3/6" in format_headline(table)
+
+    # The same numbers from a predictions file whose metadata carries the coverage, read in shards.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**arrow.schema.metadata, COVERAGE_KEY.encode(): json.dumps(frame.attrs[COVERAGE_KEY]).encode()})
+    pq.write_table(arrow, tmp_path / "p.parquet", row_group_size=1)
+    assert read_coverage(tmp_path / "p.parquet")["skipped"][0] == ["d", "dog", "image not extracted"]
+    from_file = score_files([tmp_path / "p.parquet"], row_groups=1)
+    pd.testing.assert_frame_equal(from_file, table)

@@ -36,7 +36,7 @@ def planted(tmp_path_factory, demo_root):
     table = images.assign(valid_x0=0.0, valid_y0=0.0, valid_x1=float(CANVAS), valid_y1=float(CANVAS))
     path = tmp_path_factory.mktemp("planted") / "planted.zarr"
     root = store.open_store(path, {"kind": "features", "name": "planted", "determinants": {"test": 1}},
-                            table, [500], overwrite=False)
+                            table, [500], replace="never")
     stride = CANVAS / GRID
     node = store.ensure_layer(root, "transformer_blocks.5",
                               {"features": (("timestep", "y", "x", "channel"), (1, GRID, GRID, CHANNELS)),

@@ -8,6 +8,7 @@ later sample `mean + std * eps` from the stored posterior, so the VAE never runs
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.cache import store
+from pipeline.cache.provenance import code_identities, model_identity
 from pipeline.models import hub
 from pipeline.models.backbones import VAE_FACTOR
 from pipeline.config import EncoderParams, check_policy
@@ -65,7 +67,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
-           overwrite: bool = False, dataset: dict | None = None, on_error: str = "fail", check_disk: bool = True) -> Path:
+           replace: str = "never", dataset: dict | None = None, on_error: str = "fail", check_disk: bool = True) -> Path:
     """Write the latents store `out`: posterior mean and std per image (for `kind: pixels`, the canvas
     itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run.
     `on_error: skip` records an unreadable image's reason in the store and goes on."""
@@ -86,20 +88,20 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
         vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
         factors = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
                    "latent_channels": vae.config.latent_channels}
-    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
-                    "images": store.fingerprint(table.to_dict("list"))}
+    determinants = {**asdict(params), "model_identity": model_identity(params.model),
+                    "images": store.fingerprint(table.to_dict("list")), **code_identities([sys.modules[__name__]])}
     determinants.pop("device")
     attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
              **factors, "determinants": determinants}
     if check_disk:
-        from pipeline import plan
+        from pipeline.cache import sizes
 
         pending = store.pending_count(out, determinants, len(table))
-        plan.check_disk(out, plan.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
+        sizes.check_disk(out, sizes.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
     skipped = []
     with store.writer_lock(out), store.writing(out):
-        root = store.open_store(out, attrs, table, None, overwrite)
+        root = store.open_store(out, attrs, table, None, replace)
         done = store.done_mask(root)
         paths = images.set_index("image")["path"]
         with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:

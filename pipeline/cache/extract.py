@@ -1,16 +1,13 @@
-"""Latents store -> features store, one backbone run.
-
-Per image and timestep, the ensemble members (each its own posterior sample and noise) go through
-the model as one batch, in ONE forward pass that captures every requested layer and stops after the
-deepest; the members' maps are averaged and stored as float16. Random draws depend only on
-(seed, image, timestep), so a resumed run writes exactly what an uninterrupted one would.
+"""Latents store -> features store, one backbone run: the loop over images (resumable, sharded on dask
+workers, skipping bad images under `on_error: skip`) around pipeline/cache/features.py, which computes
+each image's arrays.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,17 +18,14 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import cluster
-from pipeline.cache import store
-from pipeline.models import hub
-from pipeline.models.backbones import Parts, make_backbone
-from pipeline.config import BackboneParams, check_policy
+from pipeline.cache import features, store
 from pipeline.cache.encode import peak_memory
+from pipeline.cache.features import image_maps
+from pipeline.cache.provenance import code_identities, model_identity
+from pipeline.config import BackboneParams, check_policy
 from pipeline.errors import PipelineError, report_skipped
-
-
-def generator(seed: int, image: str, timestep: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{image}/{timestep}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+from pipeline.models import hub
+from pipeline.models.backbones import Parts, backbone_class, make_backbone
 
 
 def open_latents(path: str | Path) -> zarr.Group:
@@ -63,7 +57,7 @@ _backbones: dict[str, object] = {}
 
 def _backbone(params: BackboneParams, latents_attrs: dict, categories: list[str]):
     """The loaded backbone, once per process: a dask worker keeps its model between shards."""
-    key = json.dumps([asdict(params), hub.model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
+    key = json.dumps([asdict(params), model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
     if key not in _backbones:
         _backbones.clear()  # one model per process at a time
         device = hub.resolve_device(cluster.worker_device(params.device))
@@ -80,13 +74,13 @@ def _backbone_loads(params: BackboneParams, latents_attrs: dict, categories: lis
 
 
 def extract(params: BackboneParams, name: str, latents_path: str | Path, out: str | Path,
-            overwrite: bool = False, client=None, on_error: str = "fail", check_disk: bool = True) -> Path:
+            replace: str = "never", client=None, on_error: str = "fail", check_disk: bool = True) -> Path:
     """Fill the features store `out`; resumes where an interrupted run stopped.
 
     With a dask `client` (pipeline.cluster.connect), images are sharded across its workers, each
     writing its own images' chunks of the same store. `on_error: skip` records a failing image's
     reason in the store and goes on; `fail` stops at the first. Before any work, the images still to do
-    must fit on the store's disk (`check_disk`; see pipeline/plan.py).
+    must fit on the store's disk (`check_disk`; see pipeline/cache/sizes.py).
     """
     _check(params)
     check_policy(on_error)
@@ -96,9 +90,9 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     categories = sorted(images["category"].unique())
     determinants = _determinants(params, latents_attrs)
     if check_disk:
-        from pipeline import plan
+        from pipeline.cache import sizes
 
-        plan.check_store_fits(out, params, latents_attrs, store.pending_count(out, determinants, len(images)))
+        sizes.check_store_fits(out, params, latents_attrs, store.pending_count(out, determinants, len(images)))
     if client is None:
         _backbone(params, latents_attrs, categories)  # refuse unknown layers before touching the store
     else:
@@ -114,7 +108,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")},
     }
     with store.writer_lock(out), store.writing(out):
-        root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, overwrite)
+        root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
         pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
         job = (params, str(latents_path), str(out), on_error)
         skipped = []
@@ -128,10 +122,19 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     return Path(out)
 
 
+def feature_modules(kind: str) -> list:
+    """The modules whose code computes a `kind`'s stored values: the per-image arrays (pipeline.cache.features)
+    and the backbone's class and its bases (e.g. pipeline.models.backbones.sd3 and pipeline.models.backbones)."""
+    classes = [cls for cls in backbone_class(kind).__mro__ if cls.__module__.startswith("pipeline.")]
+    return [features, *dict.fromkeys(sys.modules[cls.__module__] for cls in classes)]
+
+
 def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
-    """Everything that decides a features store's contents (not where it ran)."""
-    determinants = {**asdict(params), "model_identity": hub.model_identity(params.model),
-                    "latents": latents_attrs["fingerprint"], "schema_version": store.SCHEMA_VERSION}
+    """Everything that decides a features store's contents (not where it ran): parameters, the model's
+    identity, the latents store, the store layout and the code (pipeline/cache/provenance.py)."""
+    determinants = {**asdict(params), "model_identity": model_identity(params.model),
+                    "latents": latents_attrs["fingerprint"], "schema_version": store.SCHEMA_VERSION,
+                    **code_identities(feature_modules(params.kind))}
     for where_it_runs in ("device", "offload"):
         determinants.pop(where_it_runs)
     return determinants
@@ -183,7 +186,7 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
                 raise PipelineError(latents_path, image, f"not encoded ({images['error'].iloc[index] or 'pending'})")
             mean = torch.from_numpy(mean_array[index]).permute(2, 0, 1)
             std = torch.from_numpy(std_array[index]).permute(2, 0, 1)
-            maps = _image_maps(params, backbone, image, category, mean, std, out)
+            maps = image_maps(params, backbone, image, category, mean, std, out)
             _write(root, params, backbone, index, maps, latents_attrs["canvas"])
             store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
         except PipelineError as exc:
@@ -194,51 +197,6 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
         if progress:
             progress()
     return skipped
-
-
-def layer_tensors(params: BackboneParams, backbone, image: str, category: str, mean: torch.Tensor,
-                  std: torch.Tensor, t: int) -> dict[tuple[str, str], torch.Tensor]:
-    """(layer, array) -> that array of one image at timestep t, averaged over the ensemble, on the
-    backbone's device: ONE forward pass for every layer. `mean`, `std`: the posterior, (C, H, W)."""
-    draws = generator(params.seed, image, t)
-    shape = (params.ensemble, *mean.shape)
-    posterior_eps = torch.randn(shape, generator=draws)
-    noise_eps = torch.randn(shape, generator=draws)
-    z = mean + std * posterior_eps if params.latent == "sample" else mean.expand(shape)
-    x0 = backbone.model_latent(z)
-    x = backbone.noised(x0, noise_eps, t) if params.noise else x0
-    outputs = backbone.run(x.to(backbone.device, backbone.dtype), t, category)
-    return {(layer, array): value.float().mean(0) for layer, arrays in outputs.items() for array, value in arrays.items()}
-
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-def as_float16(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """float16 for the store, and how many finite values lay beyond its range (+-65504): those are
-    stored as +-65504, never as inf. Massive activations of diffusion transformers computed in bfloat16
-    or float32 can reach that far."""
-    overflow = int(np.count_nonzero(np.abs(values) > FLOAT16_MAX))
-    return np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), overflow
-
-
-def _image_maps(params, backbone, image: str, category: str, mean, std, out) -> dict:
-    """Every requested array of one image, per timestep, as float16; plus per layer the count of values
-    clipped to float16's range ("overflow")."""
-    maps: dict[tuple[str, str], list] = {}
-    for t in params.timesteps:
-        overflow: dict[str, int] = {}
-        for (layer, array), value in layer_tensors(params, backbone, image, category, mean, std, t).items():
-            values = value.cpu().numpy()
-            if not np.isfinite(values).all():
-                raise PipelineError(out, f"{layer}/{array}", f"non-finite values for image {image!r} at t={t} "
-                                    "(NaN or inf from the model)")
-            stored, clipped = as_float16(values)
-            overflow[layer] = overflow.get(layer, 0) + clipped
-            maps.setdefault((layer, array), []).append(stored)
-        for layer, count in overflow.items():
-            maps.setdefault((layer, "overflow"), []).append(np.int64(count))
-    return {key: np.stack(values) for key, values in maps.items()}
 
 
 def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canvas: int) -> None:

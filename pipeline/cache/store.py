@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -50,16 +51,28 @@ def fingerprint(determinants: dict) -> str:
 
 def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown parameters"
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+    return f"other parameters, model or code ({changes})" if changes else "other parameters"
+
+
+# When a store is already at the path and was not built with these determinants:
+# never: refuse (the CLI without --overwrite); outdated: replace a dift-cache store built with other
+# parameters, model or code, refuse anything else (DVC stages: a changed dependency means "rebuild");
+# any: replace whatever is there, readable or not (the CLI with --overwrite).
+REPLACE = ("never", "outdated", "any")
 
 
 def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: list[int] | None,
-               overwrite: bool) -> zarr.Group:
-    """Create a store, or reopen it to resume; refuse one built with other parameters.
+               replace: str = "never") -> zarr.Group:
+    """Create a store, or reopen it to resume one built with the same determinants. Another store at the
+    path is replaced only as `replace` allows (REPLACE), saying what it replaced; a store that cannot be
+    read is left as it is unless `replace` is "any".
 
-    `attrs["determinants"]` holds the parameters the fingerprint is computed from; `images` has
-    `image` plus IMAGE_COLUMNS.
+    `attrs["determinants"]` holds what the fingerprint is computed from; `images` has `image` plus
+    IMAGE_COLUMNS.
     """
+    if replace not in REPLACE:
+        raise ValueError(f"replace must be one of {REPLACE}, got {replace!r}")
     path = local(path)
     attrs = {"schema_version": SCHEMA_VERSION, **attrs, "fingerprint": fingerprint(attrs["determinants"])}
     if path.exists():
@@ -67,22 +80,26 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
             # Never trust consolidated metadata while writing: it is only refreshed by `finish`.
             root = zarr.open_group(path, mode="r+", use_consolidated=False)
             found = dict(root.attrs)
-        except Exception as exc:  # noqa: BLE001 - any unreadable store is reported the same way
-            if not overwrite:
-                raise PipelineError(path, None, f"not a readable store ({exc}); pass --overwrite to replace it") from None
-            found = {}
-        if found.get("fingerprint") == attrs["fingerprint"]:
+        except Exception as exc:  # noqa: BLE001 - an NFS hiccup or a newer format: never a reason to delete
+            if replace != "any":
+                raise PipelineError(path, None, f"cannot read this store ({type(exc).__name__}: {exc}); it was left as "
+                                                "it is: fix access to it, or replace it with --overwrite") from None
+            found, what = None, f"unreadable ({type(exc).__name__})"
+        if found is not None and found.get("fingerprint") == attrs["fingerprint"]:
             for leftover in path.rglob("*.partial"):  # a killed writer's unfinished chunk
                 leftover.unlink()
             return root
-        if not overwrite:
-            if "fingerprint" not in found:
-                raise PipelineError(path, "fingerprint", "not a dift-cache store; pass --overwrite to replace it")
-            raise PipelineError(
-                path, "fingerprint",
-                f"store was built with other parameters ({_differences(found.get('determinants', {}), attrs['determinants'])}); "
-                "pass --overwrite to rebuild it or choose another --store",
-            )
+        if found is not None and "fingerprint" not in found:
+            if replace != "any":
+                raise PipelineError(path, "fingerprint", "not a dift-cache store; it was left as it is "
+                                                         "(--overwrite replaces it)")
+            what = "not a dift-cache store"
+        elif found is not None:
+            what = f"built with {_differences(found.get('determinants', {}), attrs['determinants'])}"
+            if replace == "never":
+                raise PipelineError(path, "fingerprint", f"store was {what}; pass --overwrite to rebuild it or "
+                                                         "choose another --store")
+        print(f"{path}: replacing the store there ({what})", file=sys.stderr)
         shutil.rmtree(path)
 
     root = zarr.open_group(path, mode="w-", zarr_format=3)

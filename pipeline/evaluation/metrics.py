@@ -29,6 +29,9 @@ PREDICTION_COLUMNS = (
     "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "distance", "dropped_channels",
 )
 REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "threshold")
+# A predictions table's record of what it covers (parquet metadata, or DataFrame.attrs):
+# {"pairs": {category: pairs of the split}, "skipped": [[pair, category, reason], ...]}.
+COVERAGE_KEY = "dift_cache.coverage"
 
 
 def bbox_threshold(bndbox) -> float:
@@ -73,7 +76,41 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
     """
     if predictions.empty:
         raise PipelineError(None, "predictions", "no rows")
-    return pck_from_scores(pair_scores(predictions, alphas))
+    scores = pair_scores(predictions, alphas)
+    return with_coverage(pck_from_scores(scores), [_split_pairs(scores, predictions.attrs.get(COVERAGE_KEY))])
+
+
+def read_coverage(path: str | Path) -> dict | None:
+    """The coverage a predictions table records (None for a table written without it)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(COVERAGE_KEY.encode())
+    return json.loads(raw) if raw else None
+
+
+def _split_pairs(scores: pd.DataFrame, coverage: dict | None) -> pd.DataFrame:
+    """(variant..., category, split_pairs) for the variants of one table's scores: the pairs of the split
+    per category, as its coverage records (without one: the pairs scored, as nothing says otherwise)."""
+    variants = [c for c in scores.columns if c not in ("category", "pair", "alpha", "correct", "points")]
+    scored = scores.groupby(variants + ["category"], sort=True)["pair"].nunique().rename("split_pairs").reset_index()
+    if coverage is None:
+        return scored
+    combos = scored[variants].drop_duplicates() if variants else pd.DataFrame(index=[0])
+    split = pd.DataFrame({"category": list(coverage["pairs"]), "split_pairs": list(coverage["pairs"].values())})
+    return combos.merge(split, how="cross") if variants else split
+
+
+def with_coverage(table: pd.DataFrame, split_pairs: list[pd.DataFrame]) -> pd.DataFrame:
+    """`table` with `split_pairs` beside `pairs`: how many pairs of the split each row could have scored
+    (categories: their own; "all" and "mean": the whole split)."""
+    split = pd.concat(split_pairs, ignore_index=True)
+    variants = [c for c in split.columns if c not in ("category", "split_pairs")]
+    split = split.groupby(variants + ["category"], sort=False, as_index=False)["split_pairs"].max()
+    whole = split.groupby(variants, sort=False, as_index=False)["split_pairs"].sum() if variants \
+        else pd.DataFrame({"split_pairs": [split["split_pairs"].sum()]})
+    whole = pd.concat([whole.assign(category=name) for name in ("all", "mean")], ignore_index=True)
+    merged = table.merge(pd.concat([split, whole], ignore_index=True), on=variants + ["category"], how="left")
+    merged["split_pairs"] = merged["split_pairs"].fillna(merged["pairs"]).astype(np.int64)
+    return merged
 
 
 def pck_from_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +163,11 @@ def score_files(paths, client=None, row_groups: int = 4) -> pd.DataFrame:
         scores = client.gather([client.submit(_score_row_groups, path, groups, pure=False) for path, groups in tasks])
     if not scores or all(s.empty for s in scores):
         raise PipelineError(None, "predictions", "no rows")
-    return pck_from_scores(pd.concat(scores, ignore_index=True))
+    by_file: dict[str, list] = {}
+    for (path, _), part in zip(tasks, scores):
+        by_file.setdefault(path, []).append(part)
+    split_pairs = [_split_pairs(pd.concat(parts, ignore_index=True), read_coverage(path)) for path, parts in by_file.items()]
+    return with_coverage(pck_from_scores(pd.concat(scores, ignore_index=True)), split_pairs)
 
 
 def _score_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
@@ -150,13 +191,19 @@ def at_headline(table: pd.DataFrame, kind: str | None = None, categories=("all",
 
 
 def _headline(table: pd.DataFrame) -> pd.DataFrame:
-    """PCK@0.1 per variant: columns per_image, per_point (pooled) and per_image_mean_of_categories."""
+    """PCK@0.1 per variant: columns per_image, per_point (pooled) and per_image_mean_of_categories, then the
+    pairs scored of the split's (pairs, split_pairs)."""
     head = at_headline(table, categories=("all", "mean"))
     head["column"] = head["kind"] + np.where(head["category"] == "mean", "_mean_of_categories", "")
-    variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "points")]
-    wide = head.pivot_table(index=variants, columns="column", values="pck", sort=True) if variants \
-        else head.set_index("column")["pck"].to_frame().T
-    return wide[["per_image", "per_point", "per_image_mean_of_categories"]]
+    variants = [c for c in table.columns if c not in ("kind", "category", "alpha", "pck", "pairs", "split_pairs", "points")]
+    pooled = head[(head["category"] == "all") & (head["kind"] == "per_image")]
+    if variants:
+        wide = head.pivot_table(index=variants, columns="column", values="pck", sort=True)
+        counts = pooled.set_index(variants)[["pairs", "split_pairs"]]
+    else:
+        wide, counts = head.set_index("column")["pck"].to_frame().T, pooled[["pairs", "split_pairs"]].set_index(wide_index := [0])
+        wide.index = wide_index
+    return wide[["per_image", "per_point", "per_image_mean_of_categories"]].join(counts)
 
 
 def metrics_summary(table: pd.DataFrame) -> dict:
@@ -167,7 +214,8 @@ def metrics_summary(table: pd.DataFrame) -> dict:
         node = summary
         for part in (key if isinstance(key, tuple) else (key,)):
             node = node.setdefault(str(part), {})
-        node.update({name: round(float(value), 6) for name, value in row.items()})
+        node.update({name: int(value) if name in ("pairs", "split_pairs") else round(float(value), 6)
+                     for name, value in row.items()})
     return summary
 
 
@@ -211,7 +259,9 @@ def read_predictions(paths) -> pd.DataFrame:
 
 def format_headline(table: pd.DataFrame) -> str:
     """PCK@0.1 per variant: pooled per image and per point, and the per-image mean of categories."""
-    return f"PCK@{HEADLINE_ALPHA:g}\n" + _headline(table).to_string(float_format=lambda v: f"{v:.3f}")
+    head = _headline(table)
+    head["pairs"] = head["pairs"].astype(int).astype(str) + "/" + head.pop("split_pairs").astype(int).astype(str)
+    return f"PCK@{HEADLINE_ALPHA:g} (pairs: scored/of the split)\n" + head.to_string(float_format=lambda v: f"{v:.3f}")
 
 
 def layer_depth(layers) -> dict[str, float]:
@@ -232,7 +282,7 @@ def curve_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         depth = layer_depth(rows["layer"])
         head.loc[rows.index, "depth"] = rows["layer"].map(depth)
     extra = [c for c in variant_columns(head) if c not in ("backbone", "layer", "timestep", "depth", "kind", "category",
-                                                              "alpha", "pck", "pairs", "points")]
+                                                              "alpha", "pck", "pairs", "split_pairs", "points")]
     label = head["backbone"].astype(str)
     for column in extra:  # e.g. protocol, transform: part of the series name
         label = label + " " + head[column].astype(str)

@@ -3,10 +3,15 @@
 Streams one target image at a time (its map, its FAISS index and its norm map are built once and
 shared by every pair that uses it); source maps come through a small cache, so memory stays at a
 few maps whatever the dataset size.
+
+Coverage travels with the predictions: the table's parquet metadata (and a DataFrame's `attrs`) hold,
+under `dift_cache.coverage`, the split's pair count per category and every pair skipped under
+`on_error: skip` with its category and reason; PCK tables report scored pairs against it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -25,7 +30,7 @@ from pipeline.config import check_policy
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.cache.maps import StoreMaps, selection
 from pipeline.matching.protocols import TargetIndex, match_dift, match_fast
-from pipeline.evaluation.metrics import bbox_threshold
+from pipeline.evaluation.metrics import COVERAGE_KEY, bbox_threshold
 
 PROTOCOLS = ("dift", "fast")
 TARGETS_PER_ROW_GROUP = 32
@@ -42,6 +47,7 @@ class Plan:
     transform_specs: list
     targets: list  # target image keys, sorted: the order of the predictions table
     skipped: list  # (pair, message) left out under on_error: skip
+    coverage: dict  # the split's pairs per category, and the skipped ones with their reason (metrics.COVERAGE_KEY)
 
 
 def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift", top_k: int = 10,
@@ -55,7 +61,7 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str =
     transform_specs = list(transform_specs or ["raw"])
     for spec in transform_specs:
         transforms.parse(spec)  # refuse a bad spec before any work
-    skipped, keep = [], []
+    skipped, keep, reasons = [], [], []
     for pair in pairs.itertuples(index=False):
         try:
             maps.check_images([pair.src_image, pair.trg_image])
@@ -64,10 +70,13 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str =
             if on_error != "skip":
                 raise
             skipped.append((pair.filename, f"{pair.filename}: {exc}"))
+            reasons.append([pair.filename, pair.category, str(exc)])
             keep.append(False)
+    coverage = {"pairs": {str(k): int(v) for k, v in pairs["category"].value_counts().sort_index().items()},
+                "skipped": reasons}
     pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
     targets = sorted(pd.unique(pairs["trg_image"]))
-    return Plan(layers, timesteps, protocol, top_k, transform_specs, targets, skipped), pairs
+    return Plan(layers, timesteps, protocol, top_k, transform_specs, targets, skipped, coverage), pairs
 
 
 def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
@@ -79,7 +88,9 @@ def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol
     request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
     frames = dict(_run(maps, request, pairs, request.targets, client))
     report_skipped(maps.path, request.skipped)
-    return pd.concat([frames[t] for t in request.targets], ignore_index=True)
+    predictions = pd.concat([frames[t] for t in request.targets], ignore_index=True)
+    predictions.attrs[COVERAGE_KEY] = request.coverage
+    return predictions
 
 
 def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, timesteps=None, protocol: str = "dift",
@@ -111,7 +122,11 @@ def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, 
         for start in range(0, len(request.targets), TARGETS_PER_ROW_GROUP):
             batch = request.targets[start:start + TARGETS_PER_ROW_GROUP]
             table = pa.concat_tables([pq.read_table(files[target]) for target in batch])
-            writer = writer or pq.ParquetWriter(staging, table.schema, write_statistics=False)
+            if writer is None:
+                schema = table.schema.with_metadata({**(table.schema.metadata or {}),
+                                                     COVERAGE_KEY.encode(): json.dumps(request.coverage).encode()})
+                writer = pq.ParquetWriter(staging, schema, write_statistics=False)
+            table = table.replace_schema_metadata(writer.schema.metadata)
             writer.write_table(table)
             pa.default_memory_pool().release_unused()
     finally:
@@ -126,7 +141,7 @@ def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, 
 def _parts_folder(out: Path, maps, request: Plan, pairs: pd.DataFrame) -> Path:
     """`<out>.parts/`, emptied first if it holds parts of a run with other inputs."""
     parts = out.with_name(f"{out.name}.parts")
-    key = store.fingerprint({"store": maps.fingerprint, "request": asdict(request) | {"skipped": None},
+    key = store.fingerprint({"store": maps.fingerprint, "request": asdict(request) | {"skipped": None, "coverage": None},
                              "pairs": pd.util.hash_pandas_object(pairs[["filename", "src_image", "trg_image"]],
                                                                  index=False).tolist()})
     stamp = parts / "key"

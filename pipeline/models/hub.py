@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -105,25 +104,3 @@ def gated_error(repo: str) -> PipelineError:
     return PipelineError(repo, None, f"gated repository: accept its licence at https://huggingface.co/{repo} "
                                      "with your account, then provide a token (`export HF_TOKEN=hf_...` or "
                                      "`hf auth login`)")
-
-
-def model_identity(model: str) -> str:
-    """What a store's fingerprint records of its model: for a local folder, a digest of its configs and
-    of every weight file's size, head and tail (cheap on multi-GB checkpoints, yet different for any
-    retrained or re-initialised weights), hidden files and folders left out (huggingface_hub's download
-    records, which hold timestamps; the model stage's record of its source); for a hub id, the id itself."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return model
-    digest = hashlib.sha256()
-    files = (p for p in folder.rglob("*") if p.is_file())
-    for path in sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        size = path.stat().st_size
-        digest.update(str(size).encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
-            if size > 1 << 20:
-                handle.seek(max(size - (1 << 20), 1 << 20))
-                digest.update(handle.read())
-    return digest.hexdigest()[:16]
