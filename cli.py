@@ -123,6 +123,8 @@ def evaluate(predictions, metrics_path, table_path, scheduler, workers, params_f
 
 
 
+_overwrite_option = click.option("--overwrite", is_flag=True,
+                                 help="Replace the store at that path, whatever it holds (it says what it replaced).")
 _check_disk_option = click.option(
     "--check-disk/--no-check-disk", default=None,
     help="Refuse to start when the store cannot fit on its disk; default check_disk in params.yaml.")
@@ -148,7 +150,7 @@ def plan(params_file, images, as_json):
 @click.option("--encoder", required=True, help="Name under `encoders` in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Latents store; default <store>/latents/<encoder>.zarr.")
-@click.option("--overwrite", is_flag=True, help="Replace the store at that path, whatever it holds (it says what it replaced).")
+@_overwrite_option
 @_on_error_option
 @_params_option
 @_check_disk_option
@@ -171,7 +173,7 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
 @click.option("--backbone", required=True, help="Name under `backbones` in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Features store; default <store>/<backbone>.zarr.")
-@click.option("--overwrite", is_flag=True, help="Replace the store at that path, whatever it holds (it says what it replaced).")
+@_overwrite_option
 @_dask_options
 @_on_error_option
 @_params_option

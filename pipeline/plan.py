@@ -45,17 +45,17 @@ DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 def model_configs(model: str, params: Params | None = None) -> Path:
     """A folder of config files for `model` (a folder or hub id as backbones name it): the folder itself
     once it exists, else what its `models:` entry will produce."""
-    from pipeline.demo import tiny_models
     from pipeline.models import realsize
 
     folder = Path(model)
     if (folder / "model_index.json").exists() or (folder / "config.json").exists():
         return folder
     source = model
-    if params is not None and folder.parent == Path("models") and folder.name in params.models:
-        source = params.models[folder.name].source
-    if source in tiny_models.TINY_BUILDERS:
-        return _tiny_configs(source)
+    if params is not None and folder.parent == Path("models"):
+        if folder.name in params.demo.models:
+            return _tiny_configs(folder.name)
+        if folder.name in params.models:
+            source = params.models[folder.name].source
     configs = realsize.configs_for(source)
     if configs is None:
         raise PipelineError(model, None, "no config files known for this model: run its model stage first "
@@ -201,7 +201,7 @@ def downloads(params: Params) -> list[dict]:
     rows = []
     for name, model in params.models.items():
         hub = realsize.REAL_MODELS.get(realsize.MOVED.get(model.source, model.source))
-        if hub is None:  # built here (tiny, realsize) or unknown
+        if hub is None:  # built here (realsize) or unknown
             rows.append({"model": name, "source": model.source, "bytes": 0})
             continue
         parts = ConfigParts(realsize.CONFIGS / hub.folder)

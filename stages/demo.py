@@ -7,7 +7,7 @@ from stages import run
 
 def main() -> None:
     params = load_params()
-    demo.generate("data/demo", demo.DemoSpec(**vars(params.demo)))
+    demo.generate("data/demo", demo.DemoSpec(params.demo.seed, params.demo.sources_per_category))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,16 @@ def test_the_derivation_sees_function_level_and_from_imports(tmp_path):
     assert "pipeline/demo/tiny_models.py" not in files  # fixtures stay out of the real stages
 
 
+def test_no_real_stage_depends_on_the_fixtures():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    fixtures = ROOT / "pipeline" / "demo" / "tiny_models.py"
+    users = {name for name, stage in stages.items()
+             if fixtures in transitive_imports(_module_file(re.search(r"python -m (stages\.\w+)",
+                                                                       stage.get("do", stage)["cmd"]).group(1)))}
+    assert users == {"demo-model"}
+    assert not any(dep.startswith("pipeline/demo") for dep in stages["model"]["do"]["deps"])
+
+
 def _layout_rows() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]

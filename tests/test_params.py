@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 def test_profile_is_consistent(path):
     params = load_params(path)
     assert params.backbones
-    model_dirs = {f"models/{name}" for name in params.models}
+    model_dirs = {f"models/{name}" for name in [*params.models, *params.demo.models]}
     for name, encoder in params.encoders.items():
         assert encoder.kind == "pixels" or encoder.model in model_dirs, name
     for name, backbone in params.backbones.items():

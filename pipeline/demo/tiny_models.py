@@ -180,16 +180,7 @@ FLUX_VAE_CONFIG: dict[str, Any] = {
 
 # Real: CLIP-L (CLIPTextModel, hidden 768); FLUX uses only its pooled output (pooler_output,
 # hidden width), so pooled_projection_dim == hidden_size.
-FLUX_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "projection_dim": 32,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "max_position_embeddings": TOKENIZER_MAX_LENGTH,
-    "hidden_act": "quick_gelu",  # OpenAI CLIP-L
-    "layer_norm_eps": 1e-5,
-}
+FLUX_TEXT_ENCODER_CONFIG: dict[str, Any] = SD3_TEXT_ENCODER_CONFIG  # the same tiny CLIP-L
 FLUX_TOKENIZER_PAD = "<|endoftext|>"
 
 # Real: T5 v1.1 XXL encoder (d_model 4096, d_ff 10240, 64 heads of 64, 24 layers, gated-gelu).
@@ -279,6 +270,13 @@ def _build(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module
         return factory().eval()
 
 
+def _save_pipeline(pipeline_class, out_dir: str | Path, components: dict, clip_tokenizers: tuple[str, ...]) -> Path:
+    out_dir = Path(out_dir)
+    pipeline_class(**components).save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer_vocab_too(out_dir, clip_tokenizers)
+    return out_dir
+
+
 def make_tiny_sd2(out_dir: str | Path, seed: int = 0, unet_overrides: dict | None = None) -> Path:
     """Write a random-initialised, SD2.1-shaped ``StableDiffusionPipeline`` to ``out_dir``.
 
@@ -286,29 +284,15 @@ def make_tiny_sd2(out_dir: str | Path, seed: int = 0, unet_overrides: dict | Non
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    out_dir = Path(out_dir)
     tok = make_tiny_clip_tokenizer(pad_token=SD2_TOKENIZER_PAD)
-
-    vae = _build(lambda: AutoencoderKL(**SD2_VAE_CONFIG), seed)
-    text_encoder = _build(
-        lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, SD2_TEXT_ENCODER_CONFIG)), seed
-    )
-    unet = _build(lambda: UNet2DConditionModel(**{**SD2_UNET_CONFIG, **(unet_overrides or {})}), seed)
-    scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    _save_tokenizer_vocab_too(out_dir, ("tokenizer",))
-    return out_dir
+    return _save_pipeline(StableDiffusionPipeline, out_dir, {
+        "vae": _build(lambda: AutoencoderKL(**SD2_VAE_CONFIG), seed),
+        "text_encoder": _build(lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, SD2_TEXT_ENCODER_CONFIG)), seed),
+        "tokenizer": tok,
+        "unet": _build(lambda: UNet2DConditionModel(**{**SD2_UNET_CONFIG, **(unet_overrides or {})}), seed),
+        "scheduler": DDIMScheduler(**SD2_SCHEDULER_CONFIG),
+        "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+    }, ("tokenizer",))
 
 
 def make_tiny_sd3(out_dir: str | Path, seed: int = 0, transformer_overrides: dict | None = None) -> Path:
@@ -326,38 +310,21 @@ def make_tiny_sd3(out_dir: str | Path, seed: int = 0, transformer_overrides: dic
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    out_dir = Path(out_dir)
     tok = make_tiny_clip_tokenizer(pad_token=SD3_TOKENIZER_PAD)
     tok_2 = make_tiny_clip_tokenizer(pad_token=SD3_TOKENIZER_2_PAD)
-
-    vae = _build(lambda: AutoencoderKL(**SD3_VAE_CONFIG), seed)
-    text_encoder = _build(
-        lambda: CLIPTextModelWithProjection(_clip_config(CLIPTextConfig, tok, SD3_TEXT_ENCODER_CONFIG)),
-        seed,
-    )
-    # Offset seed: the two encoders have identical shapes and would otherwise be identical.
-    text_encoder_2 = _build(
-        lambda: CLIPTextModelWithProjection(_clip_config(CLIPTextConfig, tok_2, SD3_TEXT_ENCODER_2_CONFIG)),
-        seed + 1,
-    )
-    transformer = _build(lambda: SD3Transformer2DModel(**{**SD3_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
-
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tok_2,
+    clip = lambda tokenizer, config: CLIPTextModelWithProjection(_clip_config(CLIPTextConfig, tokenizer, config))  # noqa: E731
+    return _save_pipeline(StableDiffusion3Pipeline, out_dir, {
+        "transformer": _build(lambda: SD3Transformer2DModel(**{**SD3_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        "vae": _build(lambda: AutoencoderKL(**SD3_VAE_CONFIG), seed),
+        "text_encoder": _build(lambda: clip(tok, SD3_TEXT_ENCODER_CONFIG), seed),
+        "tokenizer": tok,
+        # Offset seed: the two encoders have identical shapes and would otherwise be identical.
+        "text_encoder_2": _build(lambda: clip(tok_2, SD3_TEXT_ENCODER_2_CONFIG), seed + 1),
+        "tokenizer_2": tok_2,
         # T5-XXL dropped: encode_prompt then substitutes zeros of width joint_attention_dim.
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    _save_tokenizer_vocab_too(out_dir, ("tokenizer", "tokenizer_2"))
-    return out_dir
+        "text_encoder_3": None, "tokenizer_3": None,
+    }, ("tokenizer", "tokenizer_2"))
 
 
 def make_tiny_flux(out_dir: str | Path, seed: int = 0, transformer_overrides: dict | None = None) -> Path:
@@ -372,34 +339,21 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, transformer_overrides: di
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    out_dir = Path(out_dir)
     tok = make_tiny_clip_tokenizer(pad_token=FLUX_TOKENIZER_PAD)
     tok_2 = make_tiny_t5_tokenizer()
     t5_config = T5Config(
         vocab_size=len(tok_2), pad_token_id=tok_2.pad_token_id, eos_token_id=tok_2.eos_token_id,
         decoder_start_token_id=tok_2.pad_token_id, **FLUX_TEXT_ENCODER_2_CONFIG,
     )
-
-    vae = _build(lambda: AutoencoderKL(**FLUX_VAE_CONFIG), seed)
-    text_encoder = _build(lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, FLUX_TEXT_ENCODER_CONFIG)), seed)
-    text_encoder_2 = _build(lambda: T5EncoderModel(t5_config), seed + 1)
-    transformer = _build(
-        lambda: FluxTransformer2DModel(**{**FLUX_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
-
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tok_2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    _save_tokenizer_vocab_too(out_dir, ("tokenizer",))
-    return out_dir
+    return _save_pipeline(FluxPipeline, out_dir, {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        "vae": _build(lambda: AutoencoderKL(**FLUX_VAE_CONFIG), seed),
+        "text_encoder": _build(lambda: CLIPTextModel(_clip_config(CLIPTextConfig, tok, FLUX_TEXT_ENCODER_CONFIG)), seed),
+        "tokenizer": tok,
+        "text_encoder_2": _build(lambda: T5EncoderModel(t5_config), seed + 1),
+        "tokenizer_2": tok_2,
+        "transformer": _build(lambda: FluxTransformer2DModel(**{**FLUX_TRANSFORMER_CONFIG, **(transformer_overrides or {})}), seed),
+    }, ("tokenizer",))
 
 
 # Components that are null in the tiny SD3 model_index.json. diffusers 0.42 refuses to load a

@@ -1,5 +1,6 @@
-"""models/<name>: a pipeline folder, either built here (a tiny random model, or a real architecture with
-random weights) or a snapshot of a hub repository at a pinned revision, holding only what is used.
+"""models/<name>: a pipeline folder, either built here (a real architecture with random weights) or a
+snapshot of a hub repository at a pinned revision, holding only what is used. (The demo's tiny models are
+built by their own stage, stages/demo_model.py.)
 
 What is used is derived from params.yaml: the VAE of every encoder that names the folder, and each
 backbone's components (sd2: tokenizer, text encoder, U-Net, scheduler; sd3: CLIP-L, CLIP-G, T5 with
@@ -18,7 +19,6 @@ from pathlib import Path
 from pipeline.models import hub, realsize
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.demo.tiny_models import TINY_BUILDERS, make_tiny
 
 BACKBONE_COMPONENTS = {
     "sd2": ["text_encoder", "tokenizer", "unet", "scheduler"],
@@ -77,8 +77,8 @@ def is_complete(out: Path, needed: list[str]) -> bool:
 
 def materialise(source: str, out: str | Path, seed: int = 0, revision: str | None = None,
                 needed: list[str] | None = None) -> Path:
-    """Write the pipeline folder `out` from `source`: a tiny model name, `realsize:<name>` (both rebuilt
-    each time: deterministic), or a hub id (only the `needed` components).
+    """Write the pipeline folder `out` from `source`: `realsize:<name>` (rebuilt each time: deterministic),
+    or a hub id (only the `needed` components).
 
     `out` records what made it (MARKER). A hub folder from the same source and revision that holds every
     needed component is kept; any other folder this stage made is replaced (removed first: it may hold
@@ -88,7 +88,7 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
     hub.quiet()
     needed = needed or []
     origin = {"source": source, "revision": revision, "seed": seed}
-    built_here = source in TINY_BUILDERS or source.startswith(realsize.REALSIZE)
+    built_here = source.startswith(realsize.REALSIZE)
     if (out / MARKER).exists():
         found = json.loads((out / MARKER).read_text())
         if built_here or {k: found.get(k) for k in origin} != origin:
@@ -105,9 +105,7 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
     if source in realsize.MOVED:
         raise PipelineError(source, None, f"removed from the Hugging Face hub; its files are mirrored at "
                                           f"{realsize.MOVED[source]!r}: use that `source:`")
-    if source in TINY_BUILDERS:
-        make_tiny(source, out, seed)
-    elif built_here:
+    if built_here:
         realsize.make_realsize(source[len(realsize.REALSIZE):], out, seed)
     else:
         _fetch(source, out, revision, needed)
