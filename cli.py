@@ -54,6 +54,9 @@ def _cluster(params, scheduler, workers):
 
 _on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None,
                                 help="skip: leave bad items out, list them, go on; default on_error in params.yaml.")
+_threshold_option = click.option(
+    "--threshold", "thresholds", multiple=True, type=click.Choice(["bbox", "img"]),
+    help="PCK threshold: alpha x the target's box side (bbox) or image side (img), repeatable; default match.thresholds.")
 _params_option = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
                               show_default=True, help="Parameters file: the defaults of every option.")
 
@@ -109,14 +112,16 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_
               show_default=True)
 @click.option("--table", "table_path", type=click.Path(path_type=Path), default=Path("metrics/pck.csv"),
               show_default=True)
+@_threshold_option
 @_dask_options
 @_params_option
-def evaluate(predictions, metrics_path, table_path, scheduler, workers, params_file):
+def evaluate(predictions, metrics_path, table_path, thresholds, scheduler, workers, params_file):
     """PCK of one or more predictions tables (parquet)."""
     from pipeline.evaluation import metrics
 
-    with _cluster(_settings(params_file), scheduler, workers) as client:
-        table = metrics.score_files(predictions, client)
+    params = _settings(params_file)
+    with _cluster(params, scheduler, workers) as client:
+        table = metrics.score_files(predictions, client, thresholds=thresholds or params.match.thresholds)
     metrics.write_metrics(table, metrics_path, table_path)
     click.echo(metrics.format_headline(table))
 
@@ -199,8 +204,12 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
               help="Pairs table; default data.pairs in params.yaml.")
 @click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
 @click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
-@click.option("--protocol", type=click.Choice(["dift", "fast"]), default=None, help="Default match.protocol.")
-@click.option("--top-k", type=int, default=None, help="fast: FAISS candidates refined per keypoint; default match.top_k.")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["dift", "geoaware"]),
+              help="dift (DIFT's) or geoaware (sd-dino / GeoAware-SC's), repeatable; default match.protocols.")
+@_threshold_option
+@click.option("--statistics", type=click.Choice(["none", "basic", "all"]), default=None,
+              help="Similarity statistics per keypoint; default match.statistics.")
+@click.option("--device", default=None, help="cpu or cuda; default match.device.")
 @click.option("--transform", "transform_specs", multiple=True,
               help="Feature transform (repeatable): raw, layernorm, adaln, drop:auto, drop:i,j, joined with +; "
                    "default match.transforms of the store's backbone name (raw if it has none).")
@@ -210,8 +219,8 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
 @_dask_options
 @_on_error_option
 @_params_option
-def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, weights, out, scheduler, workers, on_error,
-          params_file):
+def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, device, transform_specs, weights, out,
+          scheduler, workers, on_error, params_file):
     """Predict every target keypoint from a cached store and print PCK per layer and timestep. Every option
     left out takes its value from params.yaml, so this gives the predictions of the `match@<backbone>` stage."""
     import pandas as pd
@@ -235,9 +244,11 @@ def match(paths, pairs, layers, timesteps, protocol, top_k, transform_specs, wei
     out = out or Path(params.match.predictions) / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     with _cluster(params, scheduler, workers) as client:
-        match_to_file(source, table, out, layers, timesteps, protocol or params.match.protocol,
-                      top_k or params.match.top_k, specs, client, on_error or params.on_error)
-        click.echo(metrics.format_headline(metrics.score_files([out], client)))
+        match_to_file(source, table, out, layers, timesteps, protocols or params.match.protocols,
+                      statistics or params.match.statistics, device or params.match.device, specs, client,
+                      on_error or params.on_error)
+        click.echo(metrics.format_headline(metrics.score_files([out], client,
+                                                               thresholds=thresholds or params.match.thresholds)))
     click.echo(f"predictions -> {out}")
 
 

@@ -82,8 +82,12 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class MatchParams:
-    protocol: str = "dift"  # dift: DIFT's exact evaluation; fast: FAISS candidates refined exactly
-    top_k: int = 10  # fast: candidate cells per keypoint
+    # dift: DIFT's evaluation (upsampled maps, pixel argmax); geoaware: sd-dino / GeoAware-SC's (patch grid,
+    # patch centres, strict <). Each is a variant: both score side by side from one store.
+    protocols: list[str] = field(default_factory=lambda: ["dift"])
+    thresholds: list[str] = field(default_factory=lambda: ["bbox"])  # PCK normalised by bbox side and/or image side (img)
+    statistics: str = "basic"  # none | basic (sim_max, sim_mean, sim_std) | all (+ entropy, peak ratio: slower)
+    device: str = "cpu"  # cpu | cuda
     # Feature transforms per backbone name (pipeline/matching/transforms.py); a backbone not listed gets [raw].
     transforms: dict[str, list[str]] = field(default_factory=dict)
 

@@ -35,7 +35,7 @@ from pipeline.errors import PipelineError
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DIFT_SECONDS = 0.203  # DIFT paper: SD2.1, 768 px, up_blocks.1, t=261, ensemble 8, one A6000
-MATCH_SECONDS_PER_PAIR = 0.038  # benchmarks/match.py, `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
+MATCH_SECONDS_PER_PAIR = 0.038  # fallback: the previous `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
 SPAIR_TEST_PAIRS_PER_IMAGE = 12234 / 1800  # SPair-71k test: 12,234 pairs over its 1,800 images
 DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 
@@ -100,6 +100,23 @@ def measured_rates(device: str) -> dict[str, float]:
     return {kind: row["flops_per_second"] for kind, row in json.loads(path.read_text())["backbones"].items()}
 
 
+def match_seconds(protocol: str, statistics: str, device: str) -> tuple[float, str]:
+    """Seconds per pair of one matching variant, and where the figure comes from: measured by
+    benchmarks/match.py (benchmarks/results/match.json: 1280 x 48 x 48, 10 keypoints a pair) on this device
+    type (the CPU: with 2 threads), else on 2 CPU threads (for cuda: an upper bound), else the figure of
+    the implementation before batching."""
+    path = RESULTS / "match.json"
+    measured = [r for r in json.loads(path.read_text()) if r["channels"] == 1280] if path.exists() else []
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    fallback = "benchmarks/match.py on 2 CPU threads" + (" (no CUDA figure yet: an upper bound)" if kind == "cuda" else "")
+    for wanted, basis in ((kind, f"benchmarks/match.py on {kind}"), ("cpu", fallback)):
+        rows = [r for r in measured if r["device"] == wanted and (wanted == "cuda" or r["threads"] == 2)]
+        if rows:
+            column = "geoaware" if protocol == "geoaware" else "exact_no_stats" if statistics == "none" else "exact"
+            return rows[0][column], basis
+    return MATCH_SECONDS_PER_PAIR, "the unbatched dift on 2 CPU cores: no benchmarks/results/match.json"
+
+
 @functools.cache
 def dift_rate() -> float:
     """FLOP/s that DIFT's published timing implies: SD2.1 to up_blocks.1 at 768 px, ensemble 8."""
@@ -156,9 +173,11 @@ def make_plan(params: Params, images: int | None = None) -> dict:
                                 run.flops * backbone.ensemble * len(backbone.timesteps) * images))
     for name, backbone in params.backbones.items():
         variants = len(backbone.layers) * len(backbone.timesteps) * len(params.match.transforms_for(name))
-        seconds.append({"stage": f"match@{name}", "device": "cpu", "seconds": pairs * variants * MATCH_SECONDS_PER_PAIR,
-                        "basis": f"{pairs} pairs x {variants} variants x {MATCH_SECONDS_PER_PAIR * 1000:.0f} ms "
-                                 "(benchmarks/match.py, 2 CPU cores)"})
+        rates = [match_seconds(protocol, params.match.statistics, params.match.device) for protocol in params.match.protocols]
+        per_pair = sum(rate for rate, _ in rates)
+        seconds.append({"stage": f"match@{name}", "device": params.match.device, "seconds": pairs * variants * per_pair,
+                        "basis": f"{pairs} pairs x {variants} variants x {per_pair * 1000:.2f} ms "
+                                 f"({' + '.join(params.match.protocols)}; {rates[0][1]})"})
     total = sum(store["bytes"] for store in stores)
     return {"images": images, "pairs": pairs, "stores": stores, "total_bytes": total,
             "disk_free": disk_free(params.store), "downloads": downloads(params), "gpu_memory": gpu, "time": seconds}

@@ -16,8 +16,8 @@ def main(name: str) -> None:
     pairs = pd.read_parquet(params.data.pairs)
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         match_to_file(params.store_path(name), pairs, Path(params.match.predictions) / f"{name}.parquet",
-                      protocol=params.match.protocol, top_k=params.match.top_k,
-                      transform_specs=params.match.transforms_for(name), client=client, on_error=params.on_error)
+                      protocols=params.match.protocols, statistics=params.match.statistics,
+                      device=params.match.device, transform_specs=params.match.transforms_for(name), client=client, on_error=params.on_error)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,27 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "spair-sample"
+
+
+def identity_pairs_scored_exactly(path, predictions) -> bool:
+    """On identity pairs `dift` finds each keypoint itself; `geoaware` the centre of its cell, so within half a
+    cell's diagonal (in image pixels) of it."""
+    from pipeline.cache.maps import StoreMaps
+
+    maps = StoreMaps(path)
+    image = maps.images.loc[predictions["trg_image"]]
+    stride = predictions["layer"].map(lambda layer: maps.root[layer].attrs["stride"]).to_numpy()
+    half = 0.5 * np.hypot(stride * image["width"].to_numpy() / image["valid_x1"].to_numpy(),
+                          stride * image["height"].to_numpy() / image["valid_y1"].to_numpy())
+    limit = np.where(predictions["protocol"] == "geoaware", half + 1e-9, 0.0)
+    return bool((predictions["distance"].to_numpy() <= limit).all())
 
 
 def store_files(path: Path) -> dict[str, bytes]:

@@ -44,7 +44,7 @@ def _sparse_predictions(points_per_pair: int = 10, pairs: int = 200, seed: int =
         [(backbone, f"{prefix}.{k}", t, transform, protocol)
          for backbone, prefix, timesteps, transforms in (("sd2", "up_blocks", (101, 261), ("raw", "ln")),
                                                          ("sd3", "transformer_blocks", (250, 500), ("raw", "drop:auto")))
-         for k in range(24) for t in timesteps for transform in transforms for protocol in ("dift", "fast")],
+         for k in range(24) for t in timesteps for transform in transforms for protocol in ("dift", "geoaware")],
         columns=VARIANTS)
     points = pd.DataFrame({
         "pair": np.repeat([f"cat:{i}" for i in range(pairs)], points_per_pair),

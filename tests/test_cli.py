@@ -1,3 +1,4 @@
+import json
 import pandas as pd
 from click.testing import CliRunner
 
@@ -31,12 +32,28 @@ def test_prepare_sample_and_missing_image(spair_sample, tmp_path):
 
 def test_evaluate_writes_metrics(tmp_path):
     frame = pd.DataFrame({"pair": ["a", "b"], "category": ["x", "y"], "trg_x": [0, 0], "trg_y": [0, 0],
-                          "pred_x": [0, 30], "pred_y": [0, 0], "threshold": [100.0, 100.0], "layer": ["l", "l"]})
+                          "pred_x": [0, 30], "pred_y": [0, 0], "threshold": [100.0, 100.0], "image_size": [200.0, 200.0],
+                          "layer": ["l", "l"]})
     frame.to_parquet(tmp_path / "p.parquet")
     result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "p.parquet"), "--metrics", str(tmp_path / "m.json"),
                                       "--table", str(tmp_path / "m.csv")])
     assert result.exit_code == 0, result.output
     assert "PCK@0.1" in result.output
     table = pd.read_csv(tmp_path / "m.csv")
-    row = table[(table.kind == "per_point") & (table.category == "all") & (table.alpha == 0.1)]
+    row = table[(table.kind == "per_point") & (table.category == "all") & (table.alpha == 0.1) & (table.threshold_by == "bbox")]
     assert row["pck"].item() == 0.5
+
+
+def test_plan_takes_matching_time_from_the_benchmark(tmp_path, monkeypatch):
+    from pipeline import plan
+
+    monkeypatch.setattr(plan, "RESULTS", tmp_path)
+    assert plan.match_seconds("dift", "basic", "cpu")[0] == plan.MATCH_SECONDS_PER_PAIR  # nothing measured yet
+    rows = [{"device": "cpu", "threads": threads, "channels": channels, "exact": 0.001 * threads, "exact_no_stats": 0.0005,
+             "geoaware": 0.0002} for threads in (1, 2) for channels in (1280, 1536)]
+    (tmp_path / "match.json").write_text(json.dumps(rows))
+    assert plan.match_seconds("dift", "basic", "cpu") == (0.002, "benchmarks/match.py on cpu")  # 2 threads, 1280 channels
+    assert plan.match_seconds("dift", "none", "cpu")[0] == 0.0005
+    assert plan.match_seconds("geoaware", "basic", "cpu")[0] == 0.0002
+    seconds, basis = plan.match_seconds("dift", "basic", "cuda")
+    assert seconds == 0.002 and "upper bound" in basis  # no CUDA figure: the CPU's

@@ -22,12 +22,12 @@ def test_two_local_workers(client):
     assert cluster.workers_of(client) == 2
 
 
-@pytest.mark.parametrize("protocol", ["dift", "fast"])
+@pytest.mark.parametrize("protocol", ["dift", "geoaware"])
 def test_distributed_match_and_evaluate_equal_single_process(client, demo_stores, tmp_path, protocol):
     path, pairs = demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"]
     specs = ["raw", "drop:auto+adaln"]
-    single = match_store(path, pairs, protocol=protocol, transform_specs=specs)
-    out = match_to_file(path, pairs, tmp_path / "p.parquet", protocol=protocol, transform_specs=specs, client=client)
+    single = match_store(path, pairs, protocols=[protocol], transform_specs=specs)
+    out = match_to_file(path, pairs, tmp_path / "p.parquet", protocols=[protocol], transform_specs=specs, client=client)
     distributed = pd.read_parquet(out)
     assert len(distributed) == len(single) == pairs["kps_ids"].map(len).sum() * 2 * len(specs)
     pd.testing.assert_frame_equal(distributed, single)  # row for row

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import identity_pairs_scored_exactly
 import torch
 import xarray as xr
 import zarr
@@ -196,17 +198,15 @@ def test_store_opens_in_xarray_with_labelled_dims(world):
     assert tree.attrs["backbone"] == "flux" and tree.attrs["fingerprint"]
 
 
-@pytest.mark.parametrize("protocol", ["dift", "fast"])
+@pytest.mark.parametrize("protocol", ["dift", "geoaware"])
 def test_flux_store_matches_with_both_protocols(world, protocol):
     from pipeline.matching.match import match_store
-    from pipeline.evaluation.metrics import pck_table
 
     pairs = load_split(world["root"], "test").pairs
     keys = set(world["images"]["image"])
     usable = pairs[pairs["src_image"].isin(keys) & pairs["trg_image"].isin(keys)]
     identity = usable[usable["src_image"] == usable["trg_image"]]
     assert len(identity) >= 1 and len(usable) > len(identity)
-    predictions = match_store(world["store"], usable, protocol=protocol, transform_specs=["raw", "drop:auto+adaln"])
+    predictions = match_store(world["store"], usable, protocols=[protocol], transform_specs=["raw", "drop:auto+adaln"])
     assert set(predictions["transform"]) == {"raw", "drop:auto+adaln"}
-    table = pck_table(predictions[predictions["src_image"] == predictions["trg_image"]])
-    assert (table[(table["alpha"] == 0.1) & (table["category"] == "all")]["pck"] == 1.0).all()
+    assert identity_pairs_scored_exactly(world["store"], predictions[predictions["src_image"] == predictions["trg_image"]])

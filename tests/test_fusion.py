@@ -51,7 +51,7 @@ def test_cli_fuses_stores_of_different_grids(demo_stores, tmp_path):
                                       "--weights", "0.5,0.5", "--pairs", str(pairs), "--out", str(tmp_path / "f.parquet")])
     assert result.exit_code == 2 and "timestep: unknown timestep 5; the store has [261]" in result.output
     result = CliRunner().invoke(cli, ["match", "--store", stores[0], "--store", stores[1], "--layer", "up_blocks.1",
-                                      "--layer", "latent", "--timestep", "261", "--timestep", "261",
+                                      "--layer", "latent", "--timestep", "261", "--timestep", "261", "--protocol", "dift",
                                       "--weights", "0.5,0.5", "--pairs", str(pairs), "--out", str(tmp_path / "f.parquet")])
     assert result.exit_code == 0, result.output
     fused = pd.read_parquet(tmp_path / "f.parquet")

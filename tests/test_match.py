@@ -13,24 +13,39 @@ from pipeline.evaluation.metrics import pck_table
 from test_matching import naive_match
 
 
-# `fast` preselects cells by cosine; with the 4 channels of SD2's VAE many cells are nearly parallel
-# to any query and the true one can miss the top k (see README), so it is not run on vae-sd2.
-@pytest.mark.parametrize("backbone, protocol", [(b, "dift") for b in ("tiny-sd2", "tiny-sd3", "vae-sd2", "vae-sd3")]
-                         + [(b, "fast") for b in ("tiny-sd2", "tiny-sd3", "vae-sd3")])
-def test_identity_pairs_score_one(demo_stores, backbone, protocol):
+@pytest.mark.parametrize("backbone", ["tiny-sd2", "tiny-sd3", "vae-sd2", "vae-sd3"])
+def test_identity_pairs_score_one(demo_stores, backbone):
     pairs = demo_stores["pairs"]
     identity = pairs[pairs["src_image"] == pairs["trg_image"]]
     assert len(identity) == 6
-    predictions = match_store(demo_stores["stores"][backbone], identity, protocol=protocol)
+    predictions = match_store(demo_stores["stores"][backbone], identity)
     table = pck_table(predictions)
     head = table[(table["alpha"] == 0.1) & (table["category"] == "all")]
     assert (head["pck"] == 1.0).all()
 
 
-def test_dift_equals_naive_dift_on_demo_store(demo_stores):
-    path = demo_stores["stores"]["tiny-sd2"]
+@pytest.mark.parametrize("backbone", ["tiny-sd2", "tiny-sd3"])
+def test_geoaware_predicts_the_centre_of_the_keypoints_own_cell_on_identity_pairs(demo_stores, backbone):
+    # sd-dino / GeoAware-SC: the keypoint's patch (canvas coordinate / stride, truncated) is its own best
+    # match, and the prediction is that patch's centre, mapped back to the image (not the keypoint itself).
     pairs = demo_stores["pairs"]
-    predictions = match_store(path, pairs)
+    identity = pairs[pairs["src_image"] == pairs["trg_image"]]
+    maps = StoreMaps(demo_stores["stores"][backbone])
+    predictions = match_store(maps, identity, protocols=["geoaware"])
+    image = maps.images.loc[predictions["trg_image"]]
+    stride = predictions["layer"].map(lambda layer: maps.root[layer].attrs["stride"]).to_numpy()
+    for axis, valid, size in (("x", "valid_x1", "width"), ("y", "valid_y1", "height")):
+        scale = image[valid].to_numpy() / image[size].to_numpy()  # canvas pixels per image pixel
+        centre = (np.floor(predictions[f"src_{axis}"].to_numpy() * scale / stride) + 0.5) * stride / scale
+        np.testing.assert_allclose(predictions[f"pred_{axis}"], centre, rtol=1e-12)
+    assert (predictions["pred_x"] != predictions["src_x"]).any()  # a cell centre, not the keypoint
+
+
+@pytest.mark.parametrize("backbone", ["tiny-sd2", "tiny-sd3", "vae-sd2", "vae-sd3"])
+def test_dift_equals_naive_dift_on_demo_store(demo_stores, backbone):
+    path = demo_stores["stores"][backbone]
+    pairs = demo_stores["pairs"]
+    predictions = match_store(path, pairs, statistics="none")
     maps = StoreMaps(path)
     naive = predictions.copy()
     ties = total = 0
@@ -41,7 +56,7 @@ def test_dift_equals_naive_dift_on_demo_store(demo_stores):
                                         maps.load(pair.trg_image, layer, timestep), points)
             selected = rows.index[rows["pair"] == pair.filename]
             naive.loc[selected, ["pred_x", "pred_y"]] = expected
-            mine = rows.loc[selected, ["pred_x", "pred_y"]].to_numpy()
+            mine = rows.loc[selected, ["pred_x", "pred_y"]].to_numpy().astype(np.int64)
             for k in np.flatnonzero(~(mine == expected).all(1)):
                 (x, y), (ex, ey) = mine[k], expected[k]
                 assert cos[k, y, x] == pytest.approx(cos[k, ey, ex], abs=1e-5)  # differences are ties only
@@ -54,10 +69,14 @@ def test_dift_equals_naive_dift_on_demo_store(demo_stores):
 def test_predictions_table_columns(demo_stores):
     predictions = match_store(demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"], layers=["transformer_blocks.3"])
     expected = {"split", "pair", "category", "src_image", "trg_image", "keypoint", "src_x", "src_y", "trg_x", "trg_y",
-                "pred_x", "pred_y", "distance", "threshold", "backbone", "layer", "timestep", "protocol",
-                "transform", "dropped_channels",
-                "sim_max", "sim_mean", "sim_std", "sim_entropy", "sim_peak_ratio"}
+                "pred_x", "pred_y", "distance", "threshold", "image_size", "backbone", "layer", "timestep", "protocol",
+                "transform", "dropped_channels", "sim_max", "sim_mean", "sim_std"}
     assert set(predictions.columns) == expected
+    full = match_store(demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"], layers=["transformer_blocks.3"],
+                       statistics="all")
+    assert set(full.columns) == expected | {"sim_entropy", "sim_peak_ratio"}
+    pd.testing.assert_frame_equal(full[predictions.columns], predictions)
+    predictions = full
     assert len(predictions) == demo_stores["pairs"]["kps_ids"].map(len).sum()
     assert set(predictions["layer"]) == {"transformer_blocks.3"}
     assert predictions["sim_entropy"].between(0, 1).all() and (predictions["sim_max"] <= 1 + 1e-5).all()

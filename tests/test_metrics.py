@@ -58,11 +58,28 @@ def test_variants_are_scored_separately():
     assert _pck(table, "per_point", "all", 0.01, layer="up_blocks.1") == 1.0
     assert _pck(table, "per_point", "all", 0.1, layer="up_blocks.0") == pytest.approx(0.5)
     summary = metrics_summary(table)
-    assert summary["up_blocks.1"]["261"]["per_image"] == 1.0
-    assert summary["up_blocks.0"]["261"]["per_image_mean_of_categories"] == 0.375
-    assert best_variants(table) == {"all": {"layer": "up_blocks.1", "timestep": 261, "per_image": 1.0,
+    assert summary["up_blocks.1"]["261"]["bbox"]["per_image"] == 1.0
+    assert summary["up_blocks.0"]["261"]["bbox"]["per_image_mean_of_categories"] == 0.375
+    assert best_variants(table) == {"all": {"layer": "up_blocks.1", "timestep": 261, "threshold_by": "bbox", "per_image": 1.0,
                                             "per_point": 1.0, "per_image_mean_of_categories": 1.0,
                                             "pairs": 3, "split_pairs": 3}}
+
+
+def test_geoaware_counts_strictly_and_img_scales_by_the_image_side():
+    # sd-dino and GeoAware-SC count err < alpha x size; DIFT counts <=. The 10 px error of pair a sits exactly
+    # on alpha 0.1 x 100: correct under dift, not under geoaware.
+    both = pd.concat([_predictions(protocol="dift"), _predictions(protocol="geoaware")]).assign(image_size=[200.0, 110.0, 50.0, 500.0] * 2)
+    table = pck_table(both, thresholds=("bbox", "img"))
+    assert _pck(table, "per_point", "all", 0.1, protocol="dift", threshold_by="bbox") == pytest.approx(2 / 4)
+    assert _pck(table, "per_point", "all", 0.1, protocol="geoaware", threshold_by="bbox") == pytest.approx(1 / 4)
+    # img: errors 10, 11, 0, 50 over image sides 200, 110, 50, 500 -> ratios 0.05, 0.1, 0, 0.1.
+    assert _pck(table, "per_point", "all", 0.05, protocol="dift", threshold_by="img") == pytest.approx(2 / 4)
+    assert _pck(table, "per_point", "all", 0.1, protocol="dift", threshold_by="img") == pytest.approx(4 / 4)
+    assert _pck(table, "per_point", "all", 0.1, protocol="geoaware", threshold_by="img") == pytest.approx(2 / 4)
+    # The best variant is chosen in DIFT's setting, not where the looser image threshold scores higher.
+    assert best_variants(table)["all"]["threshold_by"] == "bbox" and best_variants(table)["all"]["protocol"] == "dift"
+    with pytest.raises(PipelineError, match=r"missing columns \['image_size'\]"):
+        pck_table(_predictions(), thresholds=("img",))
 
 
 def test_identity_predictions_score_one():
@@ -85,7 +102,7 @@ def test_coverage_counts_the_pairs_of_the_split_not_just_the_scored_ones(tmp_pat
     assert rows.loc["all", "pairs"] == 3 and rows.loc["all", "split_pairs"] == 6
     assert rows.loc["cat", "split_pairs"] == 3 and rows.loc["dog", "split_pairs"] == 2
     assert (rows.loc["dog", "pairs"], rows.loc["mean", "split_pairs"]) == (1, 6)
-    assert metrics_summary(table)["l"]["pairs"] == 3 and metrics_summary(table)["l"]["split_pairs"] == 6
+    assert metrics_summary(table)["l"]["bbox"]["pairs"] == 3 and metrics_summary(table)["l"]["bbox"]["split_pairs"] == 6
     assert "3/6" in format_headline(table)
 
     # The same numbers from a predictions file whose metadata carries the coverage, read in shards.

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from conftest import identity_pairs_scored_exactly
 import torch
 import xarray as xr
 import zarr
@@ -50,15 +52,14 @@ def test_patch_tokens_equal_direct_transformers_call(vit_world, kind):
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "clip"])
-@pytest.mark.parametrize("protocol", ["dift", "fast"])
+@pytest.mark.parametrize("protocol", ["dift", "geoaware"])
 def test_store_schema_and_matching(vit_world, kind, protocol):
     path, _, layer = vit_world["stores"][kind]
     tree = xr.open_datatree(path, engine="zarr")
     assert tree[layer]["features"].dims == ("image", "timestep", "y", "x", "channel")
     pairs = vit_world["split"].pairs
     identity = pairs[pairs["src_image"] == pairs["trg_image"]]
-    table = pck_table(match_store(path, identity, protocol=protocol))
-    assert (table[(table["alpha"] == 0.1) & (table["category"] == "all")]["pck"] == 1.0).all()
+    assert identity_pairs_scored_exactly(path, match_store(path, identity, protocols=[protocol]))
 
 
 def test_pixel_backbones_need_a_pixels_encoder(vit_world, tiny_models, demo_root, tmp_path):

@@ -1,7 +1,8 @@
 """A features store read as feature maps: what matching, fusion, figures and the CLI read a store with.
 
 Maps are read one (image, timestep) chunk at a time through a small cache; feature transforms
-(pipeline/matching/transforms.py) are applied as they are read.
+(pipeline/matching/transforms.py) are applied as they are read, to a whole map (`load`) or to the cells
+matching reads of it (`source`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class StoreMaps:
         self.name = self.root.attrs.get("name", Path(str(self.path)).stem)
         self.fingerprint = self.root.attrs["fingerprint"]
         self.load = lru_cache(maxsize=8)(self._load)
+        self.raw_map = lru_cache(maxsize=16)(self._raw_map)
         self.massive = lru_cache(maxsize=None)(self._massive)
 
     def __reduce__(self):
@@ -88,19 +90,37 @@ class StoreMaps:
         stacked = np.stack([self.raw(image, layer, timestep) for image in done])
         return transforms.massive_channels(transforms.channel_magnitudes(stacked))
 
-    def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
-        node = self.root[layer]
-        features = self.raw(image, layer, timestep)
+    def source(self, image: str, layer: str, timestep: int, transform: str = "raw"):
+        """A source map as matching reads it: (the raw map, the transform of its cells or None), so that
+        only the cells under the keypoints are transformed."""
+        return self.raw_map(image, layer, timestep), self._cell_transform(image, layer, timestep, transform)
+
+    def _raw_map(self, image: str, layer: str, timestep: int) -> FeatureMap:
+        row = self.images.loc[image]
+        return FeatureMap(self.raw(image, layer, timestep), int(row["width"]), int(row["height"]),
+                          float(row["valid_x1"]), float(row["valid_y1"]), float(self.root[layer].attrs["stride"]))
+
+    def _cell_transform(self, image: str, layer: str, timestep: int, transform: str):
+        """(..., C) cells -> transformed cells, for this image's variant; None for `raw`."""
         steps = transforms.parse(transform)
-        if steps:
-            index, t = self.position[image], self.timesteps.index(timestep)
-            has_modulation = "shift" in node and "scale" in node
-            shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
-            scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
+        if not steps:
+            return None
+        node = self.root[layer]
+        index, t = self.position[image], self.timesteps.index(timestep)
+        has_modulation = "shift" in node and "scale" in node
+        shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
+        scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
+        massive = self.massive(layer, timestep)
+
+        def apply(cells: np.ndarray) -> np.ndarray:
             try:
-                features = transforms.apply(steps, features, self.massive(layer, timestep), shift, scale)
+                return transforms.apply(steps, cells, massive, shift, scale)
             except PipelineError as exc:
                 raise PipelineError(self.path, f"{layer}: transform {transform}", exc.reason) from None
-        row = self.images.loc[image]
-        return FeatureMap(features, int(row["width"]), int(row["height"]), float(row["valid_x1"]),
-                          float(row["valid_y1"]), float(node.attrs["stride"]))
+        return apply
+
+    def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
+        raw, apply = self.source(image, layer, timestep, transform)
+        if apply is None:
+            return raw
+        return FeatureMap(apply(raw.features), raw.width, raw.height, raw.valid_x1, raw.valid_y1, raw.stride)

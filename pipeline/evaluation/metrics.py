@@ -1,14 +1,17 @@
-"""PCK as DIFT evaluates SPair-71k.
+"""PCK as the published evaluations count it on SPair-71k.
 
-A prediction is correct when `distance / max(x2 - x1, y2 - y1) <= alpha`, with the target's box
-(no +1). "Per image" PCK is the mean over pairs of each pair's fraction correct; "per point" PCK is
-correct keypoints over all keypoints. Both are reported pooled over all pairs, per category, and as
-the mean of the per-category values.
+A prediction is correct when `distance / size <= alpha` (DIFT; `<` strictly for the `geoaware` protocol,
+as sd-dino and GeoAware-SC count), where `size` is, per threshold family (`threshold_by`):
+- `bbox`: the longer side of the target's box, no +1 (DIFT, sd-dino, GeoAware-SC; column `threshold`);
+- `img`: the longer side of the target image (CleanDIFT's alpha_img; column `image_size`).
+"Per image" PCK is the mean over pairs of each pair's fraction correct; "per point" PCK is correct
+keypoints over all keypoints. Both are reported pooled over all pairs, per category, and as the mean of
+the per-category values.
 
 A predictions table has one row per (pair, keypoint, feature variant). Columns named in
 `PREDICTION_COLUMNS` describe the keypoint; columns starting with `sim_` are similarity statistics;
 every other column (backbone, layer, timestep, protocol, ...) names a feature variant, and PCK is
-computed separately for each combination of their values.
+computed separately for each combination of their values and each threshold family scored.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ ALPHAS = (0.01, 0.05, 0.1, 0.15)
 HEADLINE_ALPHA = 0.1
 PREDICTION_COLUMNS = (
     "split", "pair", "pair_id", "category", "src_image", "trg_image", "keypoint",
-    "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "distance", "dropped_channels",
+    "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "image_size", "distance", "dropped_channels",
 )
 REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "threshold")
 # A predictions table's record of what it covers (parquet metadata, or DataFrame.attrs):
 # {"pairs": {category: pairs of the split}, "skipped": [[pair, category, reason], ...]}.
 COVERAGE_KEY = "dift_cache.coverage"
+THRESHOLDS = {"bbox": "threshold", "img": "image_size"}  # threshold family: the column of sizes it scales
+STRICT_PROTOCOLS = ("geoaware",)  # count distance < alpha x size; the others <=
 
 
 def bbox_threshold(bndbox) -> float:
@@ -44,31 +49,38 @@ def variant_columns(predictions: pd.DataFrame) -> list[str]:
     return [c for c in predictions.columns if c not in PREDICTION_COLUMNS and not c.startswith("sim_")]
 
 
-def pair_scores(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
-    """Per (variant..., category, pair, alpha): keypoints `correct` and keypoints `points`.
+def pair_scores(predictions: pd.DataFrame, alphas=ALPHAS, thresholds=("bbox",)) -> pd.DataFrame:
+    """Per (variant..., threshold_by, category, pair, alpha): keypoints `correct` and keypoints `points`.
 
     Counts add up over any split of the rows, so shards of a predictions table can be scored
     separately (on dask workers) and summed: `pck_table` gives the same numbers either way.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in predictions.columns]
+    unknown = [t for t in thresholds if t not in THRESHOLDS]
+    if unknown:
+        raise PipelineError(None, "threshold", f"unknown threshold family {unknown[0]!r}; expected one of {list(THRESHOLDS)}")
+    missing = [c for c in REQUIRED_COLUMNS + tuple(THRESHOLDS[t] for t in thresholds) if c not in predictions.columns]
     if missing:
-        raise PipelineError(None, "predictions", f"missing columns {missing}")
+        raise PipelineError(None, "predictions", f"missing columns {sorted(set(missing))}")
     keys = variant_columns(predictions) + ["category", "pair"]
     distance = np.hypot(
         predictions["pred_x"].to_numpy(float) - predictions["trg_x"].to_numpy(float),
         predictions["pred_y"].to_numpy(float) - predictions["trg_y"].to_numpy(float),
     )
-    ratio = distance / predictions["threshold"].to_numpy(float)
+    strict = predictions["protocol"].isin(STRICT_PROTOCOLS).to_numpy() if "protocol" in predictions else False
     frames = []
-    for alpha in alphas:
-        scored = predictions[keys].copy()
-        scored["correct"] = (ratio <= alpha).astype(np.int64)
-        counts = scored.groupby(keys, sort=True)["correct"].agg(correct="sum", points="size").reset_index()
-        frames.append(counts.assign(alpha=alpha))
-    return pd.concat(frames, ignore_index=True)
+    for family in thresholds:
+        ratio = distance / predictions[THRESHOLDS[family]].to_numpy(float)
+        for alpha in alphas:
+            scored = predictions[keys].copy()
+            scored["correct"] = np.where(strict, ratio < alpha, ratio <= alpha).astype(np.int64)
+            counts = scored.groupby(keys, sort=True)["correct"].agg(correct="sum", points="size").reset_index()
+            frames.append(counts.assign(alpha=alpha, threshold_by=family))
+    scores = pd.concat(frames, ignore_index=True)
+    variants = keys[:-2] + ["threshold_by"]
+    return scores[variants + ["category", "pair", "correct", "points", "alpha"]]
 
 
-def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
+def pck_table(predictions: pd.DataFrame, alphas=ALPHAS, thresholds=("bbox",)) -> pd.DataFrame:
     """Tidy PCK: one row per (variant..., category, kind, alpha).
 
     `category` is a category name, "all" (pooled over every pair) or "mean" (mean of categories);
@@ -76,7 +88,7 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS) -> pd.DataFrame:
     """
     if predictions.empty:
         raise PipelineError(None, "predictions", "no rows")
-    scores = pair_scores(predictions, alphas)
+    scores = pair_scores(predictions, alphas, thresholds)
     return with_coverage(pck_from_scores(scores), [_split_pairs(scores, predictions.attrs.get(COVERAGE_KEY))])
 
 
@@ -147,7 +159,7 @@ def pck_from_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return tidy[order + ["pck", "pairs", "points"]].sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def score_files(paths, client=None, row_groups: int = 4) -> pd.DataFrame:
+def score_files(paths, client=None, row_groups: int = 4, thresholds=("bbox",)) -> pd.DataFrame:
     """`pck_table` of predictions tables, read a few row groups at a time (so memory holds scores,
     not predictions); with a dask client the row groups are scored on its workers."""
     tasks = []
@@ -158,9 +170,10 @@ def score_files(paths, client=None, row_groups: int = 4) -> pd.DataFrame:
             raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
         tasks += [(str(path), list(range(i, min(i + row_groups, count)))) for i in range(0, count, row_groups)]
     if client is None:
-        scores = [_score_row_groups(path, groups) for path, groups in tasks]
+        scores = [_score_row_groups(path, groups, thresholds) for path, groups in tasks]
     else:
-        scores = client.gather([client.submit(_score_row_groups, path, groups, pure=False) for path, groups in tasks])
+        scores = client.gather([client.submit(_score_row_groups, path, groups, thresholds, pure=False)
+                                for path, groups in tasks])
     if not scores or all(s.empty for s in scores):
         raise PipelineError(None, "predictions", "no rows")
     by_file: dict[str, list] = {}
@@ -170,13 +183,13 @@ def score_files(paths, client=None, row_groups: int = 4) -> pd.DataFrame:
     return with_coverage(pck_from_scores(pd.concat(scores, ignore_index=True)), split_pairs)
 
 
-def _score_row_groups(path: str, groups: list[int]) -> pd.DataFrame:
+def _score_row_groups(path: str, groups: list[int], thresholds) -> pd.DataFrame:
     try:
         frame = pq.ParquetFile(path).read_row_groups(groups).to_pandas()
     except (OSError, ValueError) as exc:
         raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
     try:
-        return pair_scores(frame)
+        return pair_scores(frame, thresholds=thresholds)
     except PipelineError as exc:
         raise PipelineError(path, exc.field, exc.reason) from None
 
@@ -220,8 +233,12 @@ def metrics_summary(table: pd.DataFrame) -> dict:
 
 
 def best_variants(table: pd.DataFrame) -> dict[str, dict]:
-    """Per backbone: the variant with the best per-image PCK@0.1, and its scores."""
+    """Per backbone: the variant with the best per-image PCK@0.1, and its scores, in DIFT's setting (protocol
+    dift, threshold by bbox) where the table has it."""
     head = _headline(table).reset_index()
+    for column, reference in (("protocol", "dift"), ("threshold_by", "bbox")):
+        if column in head and (head[column] == reference).any():
+            head = head[head[column] == reference]
     if "backbone" not in head:
         head["backbone"] = "all"
     best = {}

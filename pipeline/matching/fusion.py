@@ -56,6 +56,10 @@ class FusedMaps:
     def dropped(self, layer: str, timestep: int, spec: str) -> str:
         return ";".join(maps.dropped(part, t, spec) for maps, part, t in zip(self.parts, self.layers_of, self.timesteps_of))
 
+    def source(self, image: str, layer: str, timestep: int, transform: str = "raw"):
+        """As StoreMaps.source: here the fused map, already transformed."""
+        return self.load(image, layer, timestep, transform), None
+
     def _load(self, image: str, layer: str, timestep: int, transform: str = "raw") -> FeatureMap:
         maps = [m.load(image, part, t, transform) for m, part, t in zip(self.parts, self.layers_of, self.timesteps_of)]
         grid = max(m.features.shape[0] for m in maps), max(m.features.shape[1] for m in maps)

@@ -1,8 +1,9 @@
-"""Predictions from a features store: every pair x source keypoint x layer x timestep.
+"""Predictions from a features store: every pair x source keypoint x layer x timestep x transform x protocol.
 
-Streams one target image at a time (its map, its FAISS index and its norm map are built once and
-shared by every pair that uses it); source maps come through a small cache, so memory stays at a
-few maps whatever the dataset size.
+Streams one target image at a time: its map is read, transformed and prepared once per variant, and the
+keypoints of every pair that uses it are matched in one batch (pipeline.matching.protocols), on the CPU or
+a GPU. Of each source map only the cells under its keypoints are transformed; raw maps come through a
+small cache, so memory stays at a few maps whatever the dataset size.
 
 Coverage travels with the predictions: the table's parquet metadata (and a DataFrame's `attrs`) hold,
 under `dift_cache.coverage`, the split's pair count per category and every pair skipped under
@@ -28,11 +29,11 @@ from pipeline.cache import store
 from pipeline.matching import transforms
 from pipeline.config import check_policy
 from pipeline.errors import PipelineError, report_skipped
+from pipeline.models.hub import resolve_device
 from pipeline.cache.maps import StoreMaps, selection
-from pipeline.matching.protocols import TargetIndex, match_dift, match_fast
+from pipeline.matching.protocols import PROTOCOLS, STATISTICS, match_queries, prepare_target, source_queries
 from pipeline.evaluation.metrics import COVERAGE_KEY, bbox_threshold
 
-PROTOCOLS = ("dift", "fast")
 TARGETS_PER_ROW_GROUP = 32
 
 
@@ -42,20 +43,26 @@ class Plan:
 
     layers: list
     timesteps: list
-    protocol: str
-    top_k: int
+    protocols: list
+    statistics: str  # none | basic | all (pipeline.matching.protocols.STATISTICS)
+    device: str
     transform_specs: list
     targets: list  # target image keys, sorted: the order of the predictions table
     skipped: list  # (pair, message) left out under on_error: skip
     coverage: dict  # the split's pairs per category, and the skipped ones with their reason (metrics.COVERAGE_KEY)
 
 
-def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift", top_k: int = 10,
-         transform_specs=("raw",), on_error: str = "fail") -> tuple[Plan, pd.DataFrame]:
+def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocols=("dift",), statistics: str = "basic",
+         device: str = "cpu", transform_specs=("raw",), on_error: str = "fail") -> tuple[Plan, pd.DataFrame]:
     """Check the request against the store before any work; the plan and the pairs to match."""
     check_policy(on_error)
-    if protocol not in PROTOCOLS:
-        raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    protocols = [protocols] if isinstance(protocols, str) else list(protocols)
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if statistics not in STATISTICS:
+        raise PipelineError(None, "statistics", f"unknown statistics {statistics!r}; expected one of {STATISTICS}")
+    resolve_device(device)  # refuse cuda without a GPU before any work
     layers = selection(layers, maps.layers, "layer", maps.path)
     timesteps = selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
     transform_specs = list(transform_specs or ["raw"])
@@ -76,16 +83,16 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str =
                 "skipped": reasons}
     pairs = pairs[np.array(keep, dtype=bool)] if len(pairs) else pairs
     targets = sorted(pd.unique(pairs["trg_image"]))
-    return Plan(layers, timesteps, protocol, top_k, transform_specs, targets, skipped, coverage), pairs
+    return Plan(layers, timesteps, protocols, statistics, device, transform_specs, targets, skipped, coverage), pairs
 
 
-def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol: str = "dift",
-                top_k: int = 10, transform_specs=("raw",), client=None, on_error: str = "fail") -> pd.DataFrame:
+def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocols=("dift",), statistics: str = "basic",
+                device: str = "cpu", transform_specs=("raw",), client=None, on_error: str = "fail") -> pd.DataFrame:
     """The predictions table (see pipeline.evaluation.metrics) for every pair, keypoint, layer, timestep and
     feature transform (see pipeline.matching.transforms), in memory. `path` is a store, or maps already opened
     (StoreMaps, or pipeline.matching.fusion.FusedMaps). For a resumable run into a file, see `match_to_file`."""
     maps = path if hasattr(path, "load") else StoreMaps(path)
-    request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
+    request, pairs = plan(maps, pairs, layers, timesteps, protocols, statistics, device, transform_specs, on_error)
     frames = dict(_run(maps, request, pairs, request.targets, client))
     report_skipped(maps.path, request.skipped)
     predictions = pd.concat([frames[t] for t in request.targets], ignore_index=True)
@@ -93,15 +100,16 @@ def match_store(path, pairs: pd.DataFrame, layers=None, timesteps=None, protocol
     return predictions
 
 
-def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, timesteps=None, protocol: str = "dift",
-                  top_k: int = 10, transform_specs=("raw",), client=None, on_error: str = "fail") -> Path:
+def match_to_file(path, pairs: pd.DataFrame, out: str | Path, layers=None, timesteps=None, protocols=("dift",),
+                  statistics: str = "basic", device: str = "cpu", transform_specs=("raw",), client=None,
+                  on_error: str = "fail") -> Path:
     """Like `match_store`, into the parquet table `out`, and resumable: each target image's rows are
     saved to `<out>.parts/` as soon as they exist (written to a temporary name, then renamed), so a
     killed run loses at most the targets in flight and a re-run computes only the missing ones.
     The table is assembled from the parts in target order (a row group per 32 targets), then
     renamed into place: `out` is complete or absent, never half-written, never duplicated."""
     maps = path if hasattr(path, "load") else StoreMaps(path)
-    request, pairs = plan(maps, pairs, layers, timesteps, protocol, top_k, transform_specs, on_error)
+    request, pairs = plan(maps, pairs, layers, timesteps, protocols, statistics, device, transform_specs, on_error)
     out = Path(out)
     with store.writing(out):
         _write_parts_and_table(maps, request, pairs, out, client)
@@ -163,7 +171,7 @@ def _run(maps, request: Plan, pairs: pd.DataFrame, targets: list, client=None, i
     target images on dask workers (each batch's pairs travel with it; its maps are read there)."""
     groups = dict(tuple(pairs.groupby("trg_image", sort=True)))
     total = len(request.targets)
-    with tqdm(total=total, initial=initial, unit="target", desc=f"match {maps.name} ({request.protocol})") as bar:
+    with tqdm(total=total, initial=initial, unit="target", desc=f"match {maps.name} ({', '.join(request.protocols)})") as bar:
         if client is None:
             for target in targets:
                 yield target, _match_target(maps, request, groups[target])
@@ -190,29 +198,34 @@ def _match_batch(maps, request: Plan, groups: list[pd.DataFrame]) -> list[tuple[
 
 
 def _match_target(maps, request: Plan, group: pd.DataFrame) -> pd.DataFrame:
-    """Every pair sharing one target image: its map, FAISS index and norms are built once."""
+    """Every pair sharing one target image: per variant, the target is prepared once and every keypoint of
+    every pair is matched in one batch."""
     target_image = group["trg_image"].iloc[0]
+    pairs = list(group.itertuples(index=False))
+    points = [np.array([list(p) for p in pair.src_kps], dtype=np.int64) for pair in pairs]
+    ends = np.cumsum([len(p) for p in points])[:-1]
+    device = cluster.worker_device(request.device)  # cuda:<rank> on a LocalCluster of GPU workers
     frames = []
     for layer in request.layers:
         for timestep in request.timesteps:
             for spec in request.transform_specs:
                 target = maps.load(target_image, layer, timestep, spec)
-                index = TargetIndex(target) if request.protocol == "fast" else None
-                variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": request.protocol,
-                           "transform": spec, "dropped_channels": maps.dropped(layer, timestep, spec)}
-                for pair in group.itertuples(index=False):
-                    source = maps.load(pair.src_image, layer, timestep, spec)
-                    points = np.array([list(p) for p in pair.src_kps], dtype=np.int64)
-                    if request.protocol == "dift":
-                        predicted, stats = match_dift(source, target, points)
-                    else:
-                        predicted, stats = match_fast(source, index, points, request.top_k)
-                    frames.append(_rows(pair, points, predicted, stats, variant))
+                for protocol in request.protocols:
+                    prepared = prepare_target(target, protocol, device)
+                    queries = np.concatenate([source_queries(*maps.source(pair.src_image, layer, timestep, spec), p, protocol)
+                                              for pair, p in zip(pairs, points)])
+                    predicted, stats = match_queries(target, queries, protocol, request.statistics, device, prepared)
+                    variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": protocol,
+                               "transform": spec, "dropped_channels": maps.dropped(layer, timestep, spec)}
+                    for pair, p, found, *values in zip(pairs, points, np.split(predicted, ends),
+                                                       *(np.split(v, ends) for v in stats.values())):
+                        frames.append(_rows(pair, p, found, dict(zip(stats, values)), variant))
     return pd.concat(frames, ignore_index=True)
 
 
 def _rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
     truth = np.array([list(p) for p in pair.trg_kps], dtype=np.float64)
+    predicted = predicted.astype(np.float64)
     return pd.DataFrame({
         "split": pair.split, "pair": pair.filename, "category": pair.category,
         "src_image": pair.src_image, "trg_image": pair.trg_image, "keypoint": list(pair.kps_ids),
@@ -220,5 +233,6 @@ def _rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
         "pred_x": predicted[:, 0], "pred_y": predicted[:, 1],
         "distance": np.hypot(predicted[:, 0] - truth[:, 0], predicted[:, 1] - truth[:, 1]),
         "threshold": bbox_threshold(list(pair.trg_bndbox)),
+        "image_size": float(max(pair.trg_width, pair.trg_height)),
         **variant, **stats,
     })

@@ -1,28 +1,34 @@
-"""Keypoint matching from cached feature maps.
+"""Keypoint matching protocols over cached feature maps: batched torch code, on the CPU or CUDA.
 
 `dift` is DIFT's SPair evaluation, exactly: both maps bilinearly upsampled (align_corners=False) to
-their image's original (H, W); the source vector read at the keypoint; the prediction is the argmax
-of cosine similarity over every target pixel. It never materialises an upsampled map: the dot
-product is linear in the interpolated target, so the upsampled dot map is the interpolation of the
-feature-resolution dot map, and the squared norm of an interpolated vector is a fixed combination of
-dot products between its <= 4 neighbouring cells, precomputed once per target map.
+their image's original (H, W); the source vector read at the integer keypoint; the prediction is the
+first (row-major) argmax of cosine similarity over every target pixel. No upsampled map is built:
+- the source vector is the bilinear blend of its <= 4 cells (only those cells are read or transformed);
+- the upsampled dot map is the interpolation of the cell dot map, and the squared norm of an
+  interpolated vector a fixed combination of dot products between its <= 4 neighbouring cells: both
+  per target, shared by every query of every pair that uses it (`DiftTarget`);
+- the argmax is found by branch and bound over "quads", the pixels that blend the same 2 x 2 cells: a
+  pixel's dot is a convex blend of its quad's 4 cell dots, so max(4 dots) x max(1/norm over the quad)
+  bounds the quad. The best quads are evaluated pixel by pixel until the best value found beats every
+  unevaluated bound; so the answer is the full map's argmax, at a few hundred pixels a query.
 
-`fast` searches the L2-normalised target cells with FAISS (IndexFlatIP, one index per target image,
-shared by all pairs that use it), then refines the top-k candidate cells at image resolution with the
-same exact cosine.
+`geoaware` is sd-dino's and GeoAware-SC's evaluation (hard argmax): the source keypoint's cell (its
+canvas coordinate over the stride, truncated), cosine against every cell of the target grid, and the
+prediction the centre of the best cell, mapped back to the image; PCK counts `<` (strictly) there.
 
 Geometry: a map of (h, w) cells with `stride` canvas pixels per cell; the image occupies the canvas
 region [0, valid_x1) x [0, valid_y1) (the whole canvas in `squash` mode). Image pixel X maps to the
 continuous cell coordinate u = (X + 0.5) * (valid_x1 / stride) / W - 0.5, which for `squash` is
-exactly PyTorch's align_corners=False rule. Only the valid region of the target is ever searched.
+exactly PyTorch's align_corners=False rule. Only the valid region of the target is ever searched by
+`dift`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -69,17 +75,20 @@ class FeatureMap:
         self._norm2 = None
         self._row_matrix = self._col_matrix = None
 
-    def vectors_at(self, points: np.ndarray) -> np.ndarray:
-        """The upsampled map's vectors at integer pixels `points` (K, 2) as (x, y): (K, C)."""
+    def vectors_at(self, points: np.ndarray, transform=None) -> np.ndarray:
+        """The upsampled map's vectors at integer pixels `points` (K, 2) as (x, y): (K, C). `transform`, if
+        given, maps (..., C) cell vectors to transformed ones: only the <= 4 cells each point blends are."""
         x = np.clip(points[:, 0].astype(np.int64), 0, self.width - 1)
         y = np.clip(points[:, 1].astype(np.int64), 0, self.height - 1)
         h, w, _ = self.features.shape
         r, c = self.rows, self.cols
         i, j = r.i0[y], c.i0[x]
         i1, j1 = np.minimum(i + 1, h - 1), np.minimum(j + 1, w - 1)  # their weight is 0 on the last cell
-        f = self.features
-        return ((r.a0[y] * c.a0[x])[:, None] * f[i, j] + (r.a0[y] * c.a1[x])[:, None] * f[i, j1]
-                + (r.a1[y] * c.a0[x])[:, None] * f[i1, j] + (r.a1[y] * c.a1[x])[:, None] * f[i1, j1])
+        cells = self.features[np.stack([i, i, i1, i1], 1), np.stack([j, j1, j, j1], 1)]  # (K, 4, C)
+        if transform is not None:
+            cells = transform(cells)
+        weights = np.stack([r.a0[y] * c.a0[x], r.a0[y] * c.a1[x], r.a1[y] * c.a0[x], r.a1[y] * c.a1[x]], 1)
+        return np.einsum("kt,ktc->kc", weights.astype(np.float32), cells.astype(np.float32))
 
     def upsample(self, cell_maps: np.ndarray, ys=slice(None), xs=slice(None)) -> np.ndarray:
         """(K, h, w) per-cell values -> (K, H, W) bilinearly upsampled, as separable products
@@ -176,52 +185,258 @@ def similarity_stats(scores: np.ndarray, best: np.ndarray) -> dict[str, np.ndarr
             "sim_peak_ratio": second / np.where(np.abs(peak) > 1e-12, peak, 1e-12)}
 
 
-def match_dift(source: FeatureMap, target: FeatureMap, points: np.ndarray):
-    """DIFT's protocol: (predicted (K, 2) points, similarity statistics)."""
-    scores = target.cosine(source.vectors_at(points))
-    best = argmax_points(scores)
-    return best, similarity_stats(scores, best)
+PROTOCOLS = ("dift", "geoaware")
+# none: no statistics; basic: sim_max, sim_mean, sim_std, exactly and cheaply from cell-level sums;
+# all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only; ~2 ms a query more).
+STATISTICS = ("none", "basic", "all")
+QUERY_BATCH = 2048
+FIRST_QUADS = 16  # quads evaluated before the bound is checked; most queries need no more
+EVALUATED_PIXELS = 1 << 22  # pixel values held at once when a query needs many quads  # queries scored together; bounds memory at ~QUERY_BATCH x cells x 4 bytes
 
 
-class TargetIndex:
-    """FAISS inner-product index over one target map's L2-normalised cells."""
+def _tensor(array: np.ndarray, device, dtype=None) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
 
-    def __init__(self, target: FeatureMap):
+
+def _members(first_tap: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels grouped by their first tap cell: (cells, most) pixel indices, padded, and the mask of real ones."""
+    counts = np.bincount(first_tap, minlength=cells)
+    most = max(int(counts.max()), 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    offsets = np.arange(most)
+    members = starts[:, None] + offsets[None]
+    mask = offsets[None] < counts[:, None]
+    return np.where(mask, members, 0), mask
+
+
+def _grouped(values: np.ndarray, first_tap: np.ndarray, cells: int, axis: int, reduce) -> np.ndarray:
+    """`reduce` (np.maximum or np.minimum) of `values` over each cell's pixels along `axis` (pixels are
+    ordered by cell); cells without pixels get NaN."""
+    counts = np.bincount(first_tap, minlength=cells)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    shape = list(values.shape)
+    shape[axis] = cells
+    out = np.full(shape, np.nan, dtype=np.float64)
+    filled = np.flatnonzero(counts)
+    index = [slice(None)] * values.ndim
+    index[axis] = filled
+    out[tuple(index)] = reduce.reduceat(values.astype(np.float64), starts[filled], axis=axis)
+    return out
+
+
+def _pool(values: np.ndarray, axis: Axis, cells: int, dim: int, first, second) -> np.ndarray:
+    """Pixels along `dim` summed onto cells: each pixel's value x `first` onto its first tap cell, x `second`
+    onto the next one (None: nothing). R^T X for an interpolation matrix R, without building R."""
+    moved = np.moveaxis(values, dim, 0)
+    counts = np.bincount(axis.i0, minlength=cells)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    filled = np.flatnonzero(counts)
+    out = np.zeros((cells + 1,) + moved.shape[1:])
+    for weights, offset in ((first, 0), (second, 1)):
+        if weights is not None:
+            weighted = weights.reshape((-1,) + (1,) * (moved.ndim - 1)) * moved
+            out[filled + offset] += np.add.reduceat(weighted, starts[filled], axis=0)
+    return np.moveaxis(out[:cells], 0, dim)
+
+
+STATISTICS_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1), (1, -1))  # each pair of neighbouring cells once
+
+
+class DiftTarget:
+    """One target map, prepared once for any number of queries (the `dift` protocol): its cells, the
+    inverse norms of its upsampled vectors, the quads' bounds and the statistics' weights, on `device`."""
+
+    def __init__(self, target: FeatureMap, device="cpu"):
+        self.map, self.device = target, torch.device(device)
         h, w, c = target.features.shape
-        cells = target.features.reshape(-1, c).astype(np.float32, copy=True)  # normalised in place below
-        faiss.normalize_L2(cells)
-        self.target, self.shape = target, (h, w)
-        self.index = faiss.IndexFlatIP(c)
-        self.index.add(cells)
+        self.h, self.w = h, w
+        self.cells = _tensor(target.features.reshape(-1, c), device, np.float32)
+        rows, cols = target.rows, target.cols
+        inverse = (1.0 / np.sqrt(np.maximum(target.norm2(), 1e-24))).astype(np.float32)
+        self.inverse = _tensor(inverse, device)
+        # Each quad's pixels as a padded (R, C) block: row weights per quad row, column weights per quad
+        # column, and per quad its pixels' inverse norms (0 on padding), padding mask and flat indices.
+        quad_rows, row_real = _members(rows.i0, h)
+        quad_cols, col_real = _members(cols.i0, w)
+        self.row_a0, self.row_a1 = (_tensor(np.where(row_real, a[quad_rows], 0.0), device, np.float32) for a in (rows.a0, rows.a1))
+        self.col_b0, self.col_b1 = (_tensor(np.where(col_real, b[quad_cols], 0.0), device, np.float32) for b in (cols.a0, cols.a1))
+        real = (row_real[:, None, :, None] & col_real[None, :, None, :]).reshape(h * w, -1)
+        ys, xs = quad_rows[:, None, :, None], quad_cols[None, :, None, :]
+        self.block_inverse = _tensor(np.where(real, inverse[ys, xs].reshape(h * w, -1), 0.0), device, np.float32)
+        self.block_padding = _tensor(np.where(real, 0.0, -np.inf), device, np.float32)
+        self.block_pixel = _tensor((ys * target.width + xs).reshape(h * w, -1), device, np.int64)
+        self.tap_rows = _tensor(np.minimum(np.arange(h) + 1, h - 1), device)
+        self.tap_cols = _tensor(np.minimum(np.arange(w) + 1, w - 1), device)
+        quad_max = _grouped(_grouped(inverse, rows.i0, h, 0, np.maximum), cols.i0, w, 1, np.maximum)
+        quad_min = _grouped(_grouped(inverse, rows.i0, h, 0, np.minimum), cols.i0, w, 1, np.minimum)
+        empty = np.isnan(quad_max).ravel()  # quads without pixels (cells outside the image): never chosen
+        self.quad_padding = _tensor(np.where(empty, -np.inf, 0.0), device, np.float32) if empty.any() else None
+        # A little slack: float32 rounding may put a blended value an ulp above its cells' maximum.
+        self.quad_max = _tensor(np.nan_to_num(quad_max).ravel() * (1 + 1e-5), device, np.float32)
+        self.quad_min = _tensor(np.nan_to_num(quad_min).ravel() * (1 - 1e-5), device, np.float32)
+        self._inverse64 = inverse.astype(np.float64)
+        self._statistics_weights = None
 
-    def search(self, queries: np.ndarray, top_k: int):
-        q = queries.astype(np.float32, copy=True)
-        faiss.normalize_L2(q)
-        return self.index.search(q, min(top_k, self.index.ntotal))
+    def statistics_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights of the statistics over the H x W map, from the cell dots d (built on first use):
+        mean = <d, M> / HW, and E[s^2] = sum over neighbour offsets o of <d * d shifted by o, M_o> / HW,
+        where M_o sums inverse norm^2 x (weight on a cell) x (weight on its neighbour) over the pixels."""
+        if self._statistics_weights is None:
+            rows, cols, (h, w) = self.map.rows, self.map.cols, (self.h, self.w)
+            inverse = self._inverse64
+            mean = _pool(_pool(inverse, rows, h, 0, rows.a0, rows.a1), cols, w, 1, cols.a0, cols.a1)
+            by_row = {0: _pool(inverse**2, rows, h, 0, rows.a0**2, rows.a1**2),
+                      1: _pool(inverse**2, rows, h, 0, rows.a0 * rows.a1, None)}
+            by_column = {0: (cols.a0**2, cols.a1**2), 1: (cols.a0 * cols.a1, None), -1: (None, cols.a0 * cols.a1)}
+            squares = [(1.0 if (di, dj) == (0, 0) else 2.0) * _pool(by_row[di], cols, w, 1, *by_column[dj])
+                       for di, dj in STATISTICS_OFFSETS]
+            self._statistics_weights = _tensor(mean, self.device), _tensor(np.stack(squares), self.device)
+        return self._statistics_weights
+
+    def dots(self, queries: torch.Tensor) -> torch.Tensor:
+        """(N, C) queries -> (N, h, w) dot products with every cell."""
+        return (queries @ self.cells.T).reshape(-1, self.h, self.w)
+
+    def argmax(self, dots: torch.Tensor, query_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first (row-major) pixel of maximal cosine for each query: ((N, 2) x, y; (N,) cosine)."""
+        n = dots.shape[0]
+        corner = torch.maximum(dots, torch.cat([dots[:, 1:], dots[:, -1:]], 1))
+        corner = torch.maximum(corner, torch.cat([corner[:, :, 1:], corner[:, :, -1:]], 2)).reshape(n, -1)
+        # max(4 dots) x the quad's largest inverse norm (smallest, for a negative dot) bounds the quad.
+        bounds = torch.maximum(corner * self.quad_max, corner * self.quad_min)
+        if self.quad_padding is not None:
+            bounds += self.quad_padding
+        flat = dots.reshape(n, -1)
+        quads = bounds.shape[1]
+        tried = min(FIRST_QUADS, quads)
+        top, chosen = torch.topk(bounds, min(tried + 1, quads), dim=1)
+        best_value, best_pixel = self._evaluate(flat, chosen[:, :tried])
+        if tried < quads:  # then every quad that could still hold the best (bound >= value found), at once
+            todo = torch.nonzero(best_value <= top[:, tried]).flatten()
+            block = self.block_padding.shape[1]
+            for start in range(0, len(todo), 64):
+                rows = todo[start:start + 64]
+                open_bounds = bounds[rows]
+                need = int((open_bounds >= best_value[rows, None]).sum(1).max())
+                step = max(1, EVALUATED_PIXELS // (need * block))  # queries at a time, to bound memory
+                for part in range(0, len(rows), step):
+                    some = rows[part:part + step]
+                    chosen = torch.topk(open_bounds[part:part + step], need, dim=1).indices
+                    best_value[some], best_pixel[some] = self._evaluate(flat[some], chosen)
+        width = self.map.width
+        return torch.stack([best_pixel % width, best_pixel // width], 1), best_value / query_norms
+
+    def _evaluate(self, flat: torch.Tensor, quads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact upsampled dot x inverse norm at every pixel of the given quads (N, m): each query's
+        largest value and its first (row-major) pixel."""
+        i, j = quads // self.w, quads % self.w
+        i1, j1 = self.tap_rows[i], self.tap_cols[j]
+        d00, d01 = flat.gather(1, i * self.w + j)[..., None], flat.gather(1, i * self.w + j1)[..., None]
+        d10, d11 = flat.gather(1, i1 * self.w + j)[..., None], flat.gather(1, i1 * self.w + j1)[..., None]
+        a0, a1 = self.row_a0[i], self.row_a1[i]  # (N, m, R)
+        left = (a0 * d00 + a1 * d10)[..., None]  # the row blend first, as rows @ dots @ cols does
+        right = (a0 * d01 + a1 * d11)[..., None]
+        values = self.col_b0[j][:, :, None, :] * left + self.col_b1[j][:, :, None, :] * right  # (N, m, R, C)
+        values = values.reshape(*quads.shape, -1) * self.block_inverse[quads] + self.block_padding[quads]
+        values = values.reshape(len(flat), -1)
+        best = values.amax(1)
+        pixels = self.block_pixel[quads].reshape(len(flat), -1)
+        first = torch.where(values == best[:, None], pixels, torch.iinfo(torch.long).max).amin(1)
+        return best, first
+
+    def statistics(self, dots: torch.Tensor, query_norms: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sim_mean and sim_std of each query's cosine over the H x W map, exactly, from the cell dots."""
+        mean_weights, square_weights = self.statistics_weights()
+        d = dots.double()
+        h, w = self.h, self.w
+        pixels = self.map.width * self.map.height
+        mean = (d.reshape(len(d), -1) @ mean_weights.reshape(-1)) / pixels
+        square = torch.zeros_like(mean)
+        for (di, dj), weights in zip(STATISTICS_OFFSETS, square_weights):
+            near = slice(max(-dj, 0), w - max(dj, 0))  # cells whose neighbour at (di, dj) exists
+            far = slice(max(dj, 0), w - max(-dj, 0))
+            square += ((d[:, : h - di, near] * weights[: h - di, near]) * d[:, di:, far]).sum((1, 2))
+        norms = query_norms.double()
+        mean, square = mean / norms, square / pixels / norms**2
+        return {"sim_mean": mean, "sim_std": torch.sqrt(torch.clamp(square - mean**2, min=0.0))}
 
 
-def match_fast(source: FeatureMap, index: TargetIndex, points: np.ndarray, top_k: int = 10):
-    """FAISS top-k cells, then the exact cosine over the image pixels whose taps touch a candidate
-    cell or its neighbours, computed from those cells only."""
-    target = index.target
-    queries = source.vectors_at(points)
-    cell_scores, cells = index.search(queries, top_k)
-    h, w = index.shape
-    rows, cols = target.rows, target.cols
-    norms = np.sqrt(np.maximum(target.norm2(), 1e-24))
-    row_matrix, col_matrix = target.interpolation_matrices()
-    best = np.zeros((len(points), 2), dtype=np.int64)
-    for k, query in enumerate(queries):
-        found = cells[k][cells[k] >= 0]
-        near_rows = np.unique(np.clip(np.add.outer(found // w, [-1, 0, 1]), 0, h - 1))
-        near_cols = np.unique(np.clip(np.add.outer(found % w, [-1, 0, 1]), 0, w - 1))
-        ys = np.flatnonzero(np.isin(rows.i0, near_rows))
-        xs = np.flatnonzero(np.isin(cols.i0, near_cols))
-        cell_rows = np.unique(np.r_[rows.i0[ys], np.minimum(rows.i0[ys] + 1, h - 1)])
-        cell_cols = np.unique(np.r_[cols.i0[xs], np.minimum(cols.i0[xs] + 1, w - 1)])
-        dots = target.features[np.ix_(cell_rows, cell_cols)] @ query.astype(np.float32)
-        window = (row_matrix[np.ix_(ys, cell_rows)] @ dots @ col_matrix[np.ix_(cell_cols, xs)]
-                  / norms[np.ix_(ys, xs)])
-        y, x = np.unravel_index(window.argmax(), window.shape)
-        best[k] = xs[x], ys[y]
-    return best, {"sim_max": cell_scores[:, 0].astype(np.float64)}
+class GeoawareTarget:
+    """One target map for the `geoaware` protocol: its L2-normalised cells, on `device`."""
+
+    def __init__(self, target: FeatureMap, device="cpu"):
+        self.map = target
+        h, w, c = target.features.shape
+        self.h, self.w = h, w
+        cells = _tensor(target.features.reshape(-1, c), device, np.float32)
+        self.cells = cells / cells.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def match(self, queries: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(N, 2) predicted points (the best cell's centre, in image pixels) and basic statistics."""
+        cosine = (queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ self.cells.T
+        value, best = cosine.max(1)
+        m = self.map
+        x = ((best % self.w).double() + 0.5) * m.stride * m.width / m.valid_x1
+        y = ((best // self.w).double() + 0.5) * m.stride * m.height / m.valid_y1
+        d = cosine.double()
+        return torch.stack([x, y], 1), {"sim_max": value.double(), "sim_mean": d.mean(1), "sim_std": d.std(1, correction=0)}
+
+
+def geoaware_cells(source: FeatureMap, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cell (row, column) holding each (x, y) keypoint: canvas coordinate over the stride, truncated."""
+    h, w, _ = source.features.shape
+    column = np.floor(points[:, 0] * (source.valid_x1 / source.width) / source.stride).astype(np.int64)
+    row = np.floor(points[:, 1] * (source.valid_y1 / source.height) / source.stride).astype(np.int64)
+    return np.clip(row, 0, h - 1), np.clip(column, 0, w - 1)
+
+
+def prepare_target(target: FeatureMap, protocol: str, device="cpu"):
+    """What a protocol computes once per target map, for every query of every pair that uses it."""
+    return (DiftTarget if protocol == "dift" else GeoawareTarget)(target, device)
+
+
+def source_queries(source: FeatureMap, transform, points: np.ndarray, protocol: str) -> np.ndarray:
+    """(K, C) query vectors of a source map at (K, 2) keypoints: the bilinear blend of <= 4 cells (`dift`) or
+    the keypoint's cell (`geoaware`); `transform` (None: raw) applies to those cells only."""
+    if protocol == "dift":
+        return source.vectors_at(points, transform)
+    row, column = geoaware_cells(source, points)
+    cells = source.features[row, column]
+    return np.asarray(cells if transform is None else transform(cells), dtype=np.float32)
+
+
+def match_queries(target: FeatureMap, queries: np.ndarray, protocol: str = "dift", statistics: str = "basic",
+                  device="cpu", prepared=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Predicted (N, 2) target points for (N, C) source vectors (bilinear for `dift`, a cell for
+    `geoaware`), with their similarity statistics. `prepared`: the target's DiftTarget/GeoawareTarget,
+    to reuse across calls."""
+    prepared = prepared or prepare_target(target, protocol, device)
+    points, stats = [], []
+    for start in range(0, len(queries), QUERY_BATCH):
+        batch = _tensor(queries[start:start + QUERY_BATCH], prepared.cells.device, np.float32)
+        if protocol == "dift":
+            dots = prepared.dots(batch)
+            norms = batch.norm(dim=1).clamp_min(1e-12)
+            found, value = prepared.argmax(dots, norms)
+            stats.append({} if statistics == "none" else {"sim_max": value.double(), **prepared.statistics(dots, norms)})
+        else:
+            found, stat = prepared.match(batch)
+            stats.append({} if statistics == "none" else stat)
+        points.append(found)
+    predicted = torch.cat(points).cpu().numpy()
+    result = {name: torch.cat([s[name] for s in stats]).cpu().numpy() for name in stats[0]}
+    if statistics == "all" and protocol == "dift":
+        scores = target.cosine(queries)
+        result.update({k: v for k, v in similarity_stats(scores, argmax_points(scores)).items()
+                       if k in ("sim_entropy", "sim_peak_ratio")})
+    return predicted, result
+
+
+def match_dift(source: FeatureMap, target: FeatureMap, points: np.ndarray, statistics: str = "basic", device="cpu"):
+    """DIFT's protocol for one pair: (predicted (K, 2) points, similarity statistics)."""
+    return match_queries(target, source_queries(source, None, points, "dift"), "dift", statistics, device)
+
+
+def match_geoaware(source: FeatureMap, target: FeatureMap, points: np.ndarray, device="cpu"):
+    """sd-dino / GeoAware-SC's protocol for one pair: (predicted (K, 2) points, similarity statistics)."""
+    return match_queries(target, source_queries(source, None, points, "geoaware"), "geoaware", device=device)
