@@ -187,7 +187,7 @@ def similarity_stats(scores: np.ndarray, best: np.ndarray) -> dict[str, np.ndarr
 
 PROTOCOLS = ("dift", "geoaware")
 # none: no statistics; basic: sim_max, sim_mean, sim_std, exactly and cheaply from cell-level sums;
-# all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only; ~2 ms a query more).
+# all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only; about doubles the time).
 STATISTICS = ("none", "basic", "all")
 QUERY_BATCH = 2048
 FIRST_QUADS = 16  # quads evaluated before the bound is checked; most queries need no more
