@@ -284,6 +284,57 @@ def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
 
 
 @cli.command()
+@click.option("--store", "stores", multiple=True,
+              help="Features store (repeatable); default every backbone's store under `store` in params.yaml.")
+@click.option("--port", type=int, default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@_params_option
+def explore(stores, port, params_file):
+    """A local web page over cached stores: click a source point, see every layer, timestep and transform
+    answer (cosine maps, predictions, histograms, PCK), and the most similar cells in the dataset."""
+    import pandas as pd
+
+    from pipeline.evaluation.metrics import BEST_DIR
+    from pipeline.explorer import Explorer, load_best
+    from pipeline.explorer.server import serve
+
+    params = _settings(params_file)
+    stores = stores or [p for name in params.backbones if (p := Path(params.store) / f"{name}.zarr").exists()]
+    if not stores:
+        raise PipelineError(None, "store", f"no store under {params.store}/; run `dvc repro` or pass --store")
+    names = {Path(p).stem for p in stores} | set(params.backbones)
+    explorer = Explorer(stores, pd.read_parquet(params.data.pairs), pd.read_parquet(params.data.images), params.data.root,
+                        transforms={name: params.match.transforms_for(name) for name in names},
+                        predictions={name: Path(params.match.predictions) / f"{name}.parquet" for name in names},
+                        best=load_best(BEST_DIR))
+    serve(explorer, port)
+
+
+@cli.command()
+@click.option("--store", "path", required=True, help="Features store.")
+@click.option("--layer", required=True, help="Layer (module path).")
+@click.option("--image", required=True, help="Image key (<category>/<name>) or its file in the SPair layout.")
+@click.option("--point", required=True, help="x,y in the image's pixels.")
+@click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
+@click.option("--transform", default="raw", show_default=True, help="Feature transform (see `match --transform`).")
+@click.option("--top", type=int, default=20, show_default=True, help="Cells listed.")
+def search(path, layer, image, point, timestep, transform, top):
+    """The cells of every image most similar to the cell under a point (FAISS index kept next to the store)."""
+    from tabulate import tabulate
+
+    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.search import CellIndex
+
+    try:
+        x, y = (float(v) for v in point.split(","))
+    except ValueError:
+        raise PipelineError(None, "point", f"expected x,y, got {point!r}") from None
+    maps = StoreMaps(path)
+    key = image if image in maps.position else maps.image_key_for(image)
+    found = CellIndex(maps, layer, timestep, transform).search(key, (x, y), top)
+    click.echo(tabulate(found, headers="keys", showindex=False, floatfmt=".4f"))
+
+
+@cli.command()
 @click.option("--store", "path", type=click.Path(path_type=Path), required=True)
 @click.option("--layer", required=True, help="Layer (module path).")
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")

@@ -13,7 +13,7 @@ def main() -> None:
     paths = [Path(params.match.predictions) / f"{name}.parquet" for name in params.backbones]
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         table = metrics.score_files(paths, client, thresholds=params.match.thresholds)
-    metrics.write_metrics(table, "metrics/pck.json", "metrics/pck.csv", best_dir="metrics/best")
+    metrics.write_metrics(table, "metrics/pck.json", "metrics/pck.csv", best_dir=metrics.BEST_DIR)
     by_layer, by_timestep = metrics.curve_tables(table)
     by_layer.to_csv("metrics/pck_vs_layer.csv", index=False, float_format="%.6f")
     by_timestep.to_csv("metrics/pck_vs_timestep.csv", index=False, float_format="%.6f")

@@ -26,6 +26,17 @@ def identity_pairs_scored_exactly(path, predictions) -> bool:
     return bool((predictions["distance"].to_numpy() <= limit).all())
 
 
+def demo_project(demo_stores, folder: Path) -> Path:
+    """`folder` as a project over the demo split: its pairs and images tables, and a params.yaml naming them."""
+    import yaml
+
+    demo_stores["pairs"].to_parquet(folder / "pairs.parquet")
+    demo_stores["images"].to_parquet(folder / "images.parquet")
+    params = {"data": {"root": str(demo_stores["root"]), "pairs": "pairs.parquet", "images": "images.parquet"}}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder
+
+
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store except per-image timings, which measure the machine, not the features."""
     timing = ("images/seconds", "images/peak_memory")

@@ -1,10 +1,10 @@
 import numpy as np
 import pandas as pd
-import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
+from conftest import demo_project
 from pipeline.evaluation import figures, metrics
 from pipeline.cache.maps import StoreMaps
 from pipeline.matching.match import match_store
@@ -40,11 +40,7 @@ def test_heatmap_peak_is_the_prediction(demo_stores):
 
 
 def test_cli_show(demo_stores, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    demo_stores["pairs"].to_parquet("pairs.parquet")
-    demo_stores["images"].to_parquet("images.parquet")
-    params = {"data": {"root": str(demo_stores["root"]), "pairs": "pairs.parquet", "images": "images.parquet"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(demo_project(demo_stores, tmp_path))
     stores = [str(demo_stores["stores"][name]) for name in ("tiny-sd2", "tiny-sd3")]
     args = ["show", "--store", stores[0], "--store", stores[1], "--layer", "up_blocks.1", "--layer",
             "transformer_blocks.1", "--out", "h.png"]

@@ -91,6 +91,14 @@ def test_model_identity_is_weights_and_configs_only(tmp_path):
     assert provenance.model_identity(str(model)) != before
 
 
+def test_no_model_is_not_the_working_directory(tmp_path, monkeypatch):
+    """The pixels encoder has no model (""): adding a JSON file to the project must not rebuild its store."""
+    monkeypatch.chdir(tmp_path)
+    before = provenance.model_identity("")
+    (tmp_path / "results.json").write_text("{}")
+    assert provenance.model_identity("") == before == ""
+
+
 def test_a_change_to_a_backbones_feature_code_rebuilds_under_dvc_and_is_refused_by_the_cli(
         project, tmp_path, monkeypatch, capsys):
     _fresh(project, tmp_path, monkeypatch)

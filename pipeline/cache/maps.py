@@ -7,6 +7,7 @@ matching reads of it (`source`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,6 +17,21 @@ from pipeline.cache import store
 from pipeline.errors import PipelineError
 from pipeline.matching import transforms
 from pipeline.matching.protocols import FeatureMap
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One map source: a store (its path, or its name where stores are already open), a layer, a timestep and
+    a feature transform."""
+
+    store: str
+    layer: str
+    timestep: int
+    transform: str = "raw"
+
+    def label(self, name: str | None = None) -> str:
+        suffix = "" if self.transform == "raw" else f" {self.transform}"
+        return f"{name or self.store} {self.layer} t={self.timestep}{suffix}"
 
 
 def selection(requested, available, field: str, path) -> list:

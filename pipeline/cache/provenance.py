@@ -26,9 +26,10 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", 
 def model_identity(model: str) -> str:
     """For a local folder, a digest of its weight, config and tokenizer files: names, sizes, first and
     last MiB (cheap on multi-GB checkpoints, yet different for any retrained or re-initialised weights);
-    for a hub id, the id itself (a hub revision is a parameter of its own)."""
+    for a hub id, the id itself (a hub revision is a parameter of its own); none ("") for an encoder
+    without a model (`pixels`): "" is not the working directory."""
     folder = Path(model)
-    if not folder.is_dir():
+    if not model or not folder.is_dir():
         return model
     digest = hashlib.sha256()
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,21 +22,8 @@ import pandas as pd  # noqa: E402
 from pipeline.cache import store  # noqa: E402
 from pipeline.data.images import read_rgb  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.cache.maps import StoreMaps  # noqa: E402
+from pipeline.cache.maps import StoreMaps, Variant  # noqa: E402
 from pipeline.evaluation.metrics import HEADLINE_ALPHA, at_headline, best_variants  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One feature map source: a store, a layer, a timestep."""
-
-    store: str
-    layer: str
-    timestep: int
-    transform: str = "raw"
-
-    def label(self, maps: StoreMaps) -> str:
-        return f"{maps.name} {self.layer} t={self.timestep}" + ("" if self.transform == "raw" else f" {self.transform}")
 
 
 def _image(root: Path, images: pd.DataFrame, key: str) -> np.ndarray:
@@ -61,6 +47,14 @@ def _save(fig, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def normalised(scores: np.ndarray) -> np.ndarray:
+    """A cosine map min-max normalised to 0-1, as the study's heatmaps show it."""
+    return (scores - scores.min()) / max(float(scores.max() - scores.min()), 1e-12)
+
+
+VIRIDIS = (plt.get_cmap("viridis")(np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3) RGB
 
 
 def similarity_map(maps: StoreMaps, variant: Variant, pair: pd.Series, keypoint: int) -> np.ndarray:
@@ -90,12 +84,11 @@ def heatmaps(variants: list[Variant], pairs: pd.DataFrame, images: pd.DataFrame,
         maps = stores.setdefault(variant.store, StoreMaps(variant.store))
         scores = similarity_map(maps, variant, pair, keypoint)
         y, x = np.unravel_index(scores.argmax(), scores.shape)
-        normalised = (scores - scores.min()) / max(scores.max() - scores.min(), 1e-12)
         ax.imshow(target_image)
-        shown = ax.imshow(normalised, cmap="viridis", alpha=0.6, vmin=0, vmax=1)
+        shown = ax.imshow(normalised(scores), cmap="viridis", alpha=0.6, vmin=0, vmax=1)
         ax.scatter([tx], [ty], s=80, facecolors="none", edgecolors="white", linewidths=2, label="true")
         ax.scatter([x], [y], s=80, c="red", marker="x", linewidths=2, label="predicted")
-        ax.set_title(variant.label(maps), fontsize=8)
+        ax.set_title(variant.label(maps.name), fontsize=8)
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     for ax in axes:
         ax.set_axis_off()
@@ -114,7 +107,7 @@ def similarity_histograms(variants: list[Variant], pairs: pd.DataFrame, out: str
         values = [similarity_map(maps, variant, pair, k).ravel()[::7]
                   for _, pair in chosen.iterrows() for k in range(min(3, len(pair["kps_ids"])))]
         ax.hist(np.concatenate(values), bins=60, range=(-1, 1), histtype="step", density=True,
-                label=variant.label(maps), linewidth=1.5)
+                label=variant.label(maps.name), linewidth=1.5)
     ax.set_xlabel("cosine similarity to the source keypoint, over target pixels")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)

@@ -35,6 +35,7 @@ REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "t
 # A predictions table's record of what it covers (parquet metadata, or DataFrame.attrs):
 # {"pairs": {category: pairs of the split}, "skipped": [[pair, category, reason], ...]}.
 COVERAGE_KEY = "dift_cache.coverage"
+BEST_DIR = "metrics/best"  # each backbone's best variant, one JSON file each (the `evaluate` stage)
 THRESHOLDS = {"bbox": "threshold", "img": "image_size"}  # threshold family: the column of sizes it scales
 STRICT_PROTOCOLS = ("geoaware",)  # count distance < alpha x size; the others <=
 

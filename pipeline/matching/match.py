@@ -219,11 +219,12 @@ def _match_target(maps, request: Plan, group: pd.DataFrame) -> pd.DataFrame:
                                "transform": spec, "dropped_channels": maps.dropped(layer, timestep, spec)}
                     for pair, p, found, *values in zip(pairs, points, np.split(predicted, ends),
                                                        *(np.split(v, ends) for v in stats.values())):
-                        frames.append(_rows(pair, p, found, dict(zip(stats, values)), variant))
+                        frames.append(pair_rows(pair, p, found, dict(zip(stats, values)), variant))
     return pd.concat(frames, ignore_index=True)
 
 
-def _rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
+def pair_rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
+    """One pair's rows of the predictions table (`pair`: a row of the pairs table)."""
     truth = np.array([list(p) for p in pair.trg_kps], dtype=np.float64)
     predicted = predicted.astype(np.float64)
     return pd.DataFrame({

@@ -1,0 +1,190 @@
+"""Dataset-wide search: the cells of every image most similar to one cell, from a FAISS index per layer.
+
+The index holds every cell that lies on its image (cells of the canvas's padding are left out), each
+L2-normalised, so inner product is cosine. A query is the cell under an image point (the `geoaware` rule:
+canvas coordinate over the stride, truncated), so a point's own cell comes back first, at cosine 1.
+
+Size: an exact index (`IndexFlatIP`) while its vectors take at most FLAT_LIMIT_BYTES as float32 (the demo,
+or one real layer of ~100 images); beyond, IVF-PQ (FAISS's `IVF<lists>,PQ<C/16>`: ~C/16 bytes a cell,
+~1,600x smaller than float32, trained on a seeded sample), whose candidates (RERANK x top) are re-scored
+exactly from the store, so reported similarities are always exact cosines.
+
+The index lives next to the store, `<store>.search/<layer>@<timestep>@<transform>.faiss`, with the cell
+table and the store's fingerprint; an index built from another version of the store is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.cache import store
+from pipeline.cache.maps import StoreMaps
+from pipeline.errors import PipelineError
+from pipeline.matching.protocols import geoaware_cells
+
+FLAT_LIMIT_BYTES = 2 << 30
+RERANK = 8  # IVF-PQ: candidates re-scored exactly, per result asked for
+PROBES = 32  # IVF lists searched
+TRAINING_CELLS_PER_LIST = 64
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A cell of an image's map: its grid position, and its centre in the image's pixels."""
+
+    image: str
+    row: int
+    column: int
+    x: float
+    y: float
+
+
+def cell_centre(maps: StoreMaps, image: str, layer: str, row, column) -> tuple:
+    """The centre of cell (row, column) in the image's original pixels (GeoAware-SC's prediction rule)."""
+    info = maps.images.loc[image]
+    stride = float(maps.root[layer].attrs["stride"])
+    x = (np.asarray(column) + 0.5) * stride * float(info["width"]) / float(info["valid_x1"])
+    y = (np.asarray(row) + 0.5) * stride * float(info["height"]) / float(info["valid_y1"])
+    return x, y
+
+
+def image_cells(maps: StoreMaps, image: str, layer: str) -> tuple[int, int]:
+    """(rows, columns) of the cells that lie on the image (the rest of the canvas is padding)."""
+    feature_map = maps.raw_map(image, layer, maps.timesteps[0])
+    h, w, _ = feature_map.features.shape
+    return (min(h, int(np.ceil(feature_map.valid_y1 / feature_map.stride - 1e-9))),
+            min(w, int(np.ceil(feature_map.valid_x1 / feature_map.stride - 1e-9))))
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+class CellIndex:
+    """Every on-image cell of one (layer, timestep, transform) of a store, searchable by cosine."""
+
+    def __init__(self, maps: StoreMaps | str | Path, layer: str, timestep: int | None = None, transform: str = "raw",
+                 quiet: bool = False):
+        self.maps = maps if isinstance(maps, StoreMaps) else StoreMaps(maps)
+        self.timestep = self.maps.timesteps[0] if timestep is None else int(timestep)
+        self.maps.check_variant(layer, self.timestep)
+        self.layer, self.transform = layer, transform
+        self.images = [image for image in self.maps.images.index if self.maps.images.at[image, "done"]]
+        self.path = index_path(self.maps, layer, self.timestep, transform)
+        self.index, self.cells = self._load() or self._build(quiet)
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = PROBES
+        self.exact = isinstance(self.index, faiss.IndexFlat)
+
+    def _vectors(self, image: str) -> tuple[np.ndarray, np.ndarray]:
+        """An image's on-image cells: (n, C) normalised vectors and (n, 2) (row, column)."""
+        features = self.maps.load(image, self.layer, self.timestep, self.transform).features
+        rows, columns = image_cells(self.maps, image, self.layer)
+        grid = np.stack(np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij"), -1).reshape(-1, 2)
+        return _normalised(features[:rows, :columns].reshape(-1, features.shape[-1])), grid
+
+    def _meta(self) -> dict:
+        return {"fingerprint": self.maps.fingerprint, "layer": self.layer, "timestep": self.timestep,
+                "transform": self.transform, "images": len(self.images)}
+
+    def _load(self):
+        meta = self.path.with_suffix(".json")
+        table = self.path.with_suffix(".cells.npy")
+        if not (self.path.exists() and meta.exists() and table.exists()):
+            return None
+        found = json.loads(meta.read_text())
+        if found != self._meta():
+            print(f"{self.path}: rebuilding the search index (it was built from another version of the store)",
+                  file=sys.stderr)
+            return None
+        return faiss.read_index(str(self.path)), np.load(table)
+
+    def _build(self, quiet: bool):
+        if not self.images:
+            raise PipelineError(self.maps.path, "images/done", "no extracted image to index")
+        channels = self.maps.load(self.images[0], self.layer, self.timestep, self.transform).features.shape[-1]
+        counts = [int(np.prod(image_cells(self.maps, image, self.layer))) for image in self.images]
+        total = sum(counts)
+        if total * channels * 4 <= FLAT_LIMIT_BYTES:
+            index = faiss.IndexFlatIP(channels)
+        else:
+            index = self._trained_ivfpq(channels, total, counts)
+        tables = []
+        bar = tqdm(self.images, unit="image", desc=f"index {self.maps.name} {self.layer} t={self.timestep}", disable=quiet)
+        for position, image in enumerate(bar):
+            vectors, grid = self._vectors(image)
+            index.add(vectors)
+            tables.append(np.column_stack([np.full(len(grid), self.maps.position[image]), grid]).astype(np.int32))
+        cells = np.concatenate(tables)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under temporary names, then renamed: a killed build leaves no index that looks complete.
+        staging = self.path.with_name(f".{self.path.name}.partial")
+        faiss.write_index(index, str(staging))
+        np.save(self.path.with_suffix(".cells.npy"), cells)
+        os.replace(staging, self.path)
+        self.path.with_suffix(".json").write_text(json.dumps(self._meta()))
+        return index, cells
+
+    def _trained_ivfpq(self, channels: int, total: int, counts: list[int]):
+        lists = int(2 ** np.clip(np.round(np.log2(4 * np.sqrt(total))), 4, 16))
+        subquantizers = max(d for d in range(1, channels // 16 + 1) if channels % d == 0)
+        index = faiss.index_factory(channels, f"IVF{lists},PQ{subquantizers}", faiss.METRIC_INNER_PRODUCT)
+        wanted = min(total, lists * TRAINING_CELLS_PER_LIST)
+        rng = np.random.default_rng(SEED)
+        chosen = sorted(rng.choice(len(self.images), size=min(len(self.images), max(1, wanted * len(self.images) // total + 1)),
+                                   replace=False))
+        sample = np.concatenate([self._vectors(self.images[i])[0] for i in chosen])
+        index.train(sample)
+        return index
+
+    def search(self, image: str, point, top: int = 20) -> pd.DataFrame:
+        """The `top` cells most similar to the cell under `point` (x, y) of `image`, best first: rank, image,
+        row, column, x, y (the cell's centre in its image), similarity (exact cosine)."""
+        self.maps.check_images([image])
+        source = self.maps.load(image, self.layer, self.timestep, self.transform)
+        row, column = geoaware_cells(source, np.array([point], dtype=np.float64))
+        query = _normalised(source.features[row, column])
+        wanted = min(top if self.exact else top * RERANK, self.index.ntotal)
+        scores, ids = self.index.search(query, wanted)
+        ids = ids[0][ids[0] >= 0]
+        found = self.cells[ids]
+        if self.exact:
+            similarity = scores[0][: len(ids)]
+        else:
+            similarity = self._exact_similarity(query[0], found)
+            order = np.lexsort((ids, -similarity))  # best first; ties in index order
+            found, similarity = found[order], similarity[order]
+        found, similarity = found[:top], similarity[:top]
+        names = self.maps.images.index.to_numpy()[found[:, 0]]
+        xs, ys = zip(*(cell_centre(self.maps, name, self.layer, r, c) for name, r, c in zip(names, found[:, 1], found[:, 2])))
+        return pd.DataFrame({"rank": np.arange(1, len(found) + 1), "image": names, "row": found[:, 1],
+                             "column": found[:, 2], "x": np.asarray(xs, float), "y": np.asarray(ys, float),
+                             "similarity": similarity.astype(np.float64)})
+
+    def _exact_similarity(self, query: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        names = self.maps.images.index.to_numpy()
+        similarity = np.empty(len(cells))
+        for position in np.unique(cells[:, 0]):
+            mine = np.flatnonzero(cells[:, 0] == position)
+            features = self.maps.load(names[position], self.layer, self.timestep, self.transform).features
+            similarity[mine] = _normalised(features[cells[mine, 1], cells[mine, 2]]) @ query
+        return similarity
+
+
+def index_path(maps: StoreMaps, layer: str, timestep: int, transform: str) -> Path:
+    """`<store>.search/<layer>@<timestep>@<transform>.faiss` (transform specs made file-name safe)."""
+    if store.is_url(maps.path):
+        raise PipelineError(maps.path, None, "search indexes are kept next to a local store; sync the store locally")
+    safe = transform.replace(":", "-").replace(",", "_").replace("+", "_")
+    return Path(f"{maps.path}.search") / f"{layer}@{timestep}@{safe}.faiss"
