@@ -185,6 +185,7 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
 @_check_disk_option
 def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file, check_disk):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
+    from pipeline.cache import fidelity
     from pipeline.cache.extract import extract as run_extract
 
     params = _settings(params_file)
@@ -194,6 +195,10 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
         run_extract(spec, backbone, params.latents_path(spec.latents), out, "any" if overwrite else "never", client,
                     on_error or params.on_error,
                     params.check_disk if check_disk is None else check_disk)
+    if fidelity.after_extraction(params, backbone, out):
+        from pipeline.cache import store
+
+        click.echo("\n".join(store.describe_fidelity(dict(store.open_existing(out).attrs))))
     click.echo(f"features -> {out}")
 
 
@@ -392,14 +397,13 @@ def verify(path, backbone, params_file):
     from pipeline.cache.verify import verify as run_verify
 
     expected = None
+    params = _settings(params_file)
     if backbone is not None:
-        from pipeline.config import load_params
         from pipeline.cache.extract import expected_fingerprint
 
-        params = load_params(params_file)
         spec = params.backbone(backbone)
         expected = expected_fingerprint(spec, params.latents_path(spec.latents))
-    problems, summary = run_verify(path, expected)
+    problems, summary = run_verify(path, expected, (params.fidelity.min_identical, params.fidelity.max_pck_change))
     click.echo(summary)
     for problem in problems:
         click.echo(f"  {problem}")

@@ -67,6 +67,9 @@ class BackboneParams:
     # (diffusers group offloading), for a denoiser larger than the card. Text encoders never share the
     # device with the denoiser either way (see pipeline/models/backbones/__init__.py).
     offload: str = "none"
+    # How `features` arrays are kept (pipeline/cache/codecs.py): float16 | float16-shuffle (lossless) |
+    # int8 | pca:K (lossy, fidelity measured by the store).
+    storage: str = "float16"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,16 @@ class DownloadParams:
 
 
 @dataclass(frozen=True)
+class FidelityParams:
+    """What a store with lossy `storage` measures at extraction (pipeline/cache/fidelity.py), and what
+    `verify` accepts."""
+
+    images: int = 24  # images of the split's pairs extracted again as float16 to compare against
+    min_identical: float = 0.98  # per layer: fraction of dift predictions identical to float16's
+    max_pck_change: float = 0.5  # per layer: largest change of PCK@0.1 (bbox), in points
+
+
+@dataclass(frozen=True)
 class DaskParams:
     """Where stages run: in this process (the default), a LocalCluster, or a running scheduler."""
 
@@ -123,6 +136,7 @@ class Params:
     match: MatchParams = MatchParams()
     download: dict[str, DownloadParams] = field(default_factory=dict)  # empty in the demo: nothing to fetch
     dask: DaskParams = DaskParams()
+    fidelity: FidelityParams = FidelityParams()
     on_error: str = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
     check_disk: bool = True  # encode/extract refuse to start when their store cannot fit on its disk
@@ -177,6 +191,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         demo=_section(DemoParams, raw.get("demo"), f"{path}: demo"),
         match=_section(MatchParams, raw.get("match"), f"{path}: match"),
         dask=_section(DaskParams, raw.get("dask"), f"{path}: dask"),
+        fidelity=_section(FidelityParams, raw.get("fidelity"), f"{path}: fidelity"),
         on_error=check_policy(raw.get("on_error", "fail"), path),
         **{key: {name: _section(cls, values, f"{path}: {key}.{name}") for name, values in (raw.get(key) or {}).items()}
            for key, cls in named.items()},

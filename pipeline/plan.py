@@ -29,6 +29,7 @@ import torch
 from pipeline.cache.sizes import (ACTIVATION_FACTOR, MetaRun, _dtype, _LargestOutput, check_disk, disk_free,  # noqa: F401
                                   human, latents_bytes_per_image, meta_run, parameters, stored_bytes,
                                   text_components)
+from pipeline.cache.codecs import STORAGE_CHOICES, check_storage
 from pipeline.models.backbones import OFFLOAD
 from pipeline.config import BackboneParams, EncoderParams, Params
 from pipeline.errors import PipelineError
@@ -158,9 +159,11 @@ def make_plan(params: Params, images: int | None = None) -> dict:
     for name, backbone in params.backbones.items():
         encoder = params.encoder(backbone.latents)
         run = meta_run(backbone, latents_attrs_for(encoder, params), model_configs(backbone.model, params))
-        per_image = stored_bytes(run, len(backbone.timesteps))
-        stores.append({"name": name, "kind": "features", "bytes_per_image": per_image, "images": images,
-                       "bytes": per_image * images})
+        per_image = stored_bytes(run, len(backbone.timesteps), check_storage(backbone.storage, name))
+        stores.append({"name": name, "kind": "features", "storage": backbone.storage, "bytes_per_image": per_image,
+                       "images": images, "bytes": per_image * images,
+                       "bytes_per_image_by_storage": {choice: stored_bytes(run, len(backbone.timesteps), choice)
+                                                      for choice in STORAGE_CHOICES}})
         width = _dtype(backbone.dtype, "backbones").itemsize
         if backbone.offload not in OFFLOAD:
             raise PipelineError("params.yaml", f"backbones.{name}.offload", f"expected one of {list(OFFLOAD)}")
@@ -236,8 +239,9 @@ def format_plan(plan: dict) -> str:
 
     h = human
     lines = [f"{plan['images']} images, {plan['pairs']} pairs", ""]
-    lines.append(tabulate([[s["name"], h(s["bytes_per_image"]), s["images"], h(s["bytes"])] for s in plan["stores"]],
-                          headers=["store", "per image", "images", "bytes"]))
+    lines.append(tabulate([[s["name"], s.get("storage", ""), h(s["bytes_per_image"]), s["images"], h(s["bytes"])]
+                           for s in plan["stores"]],
+                          headers=["store", "storage", "per image", "images", "bytes"]))
     fits = "fits" if plan["total_bytes"] <= plan["disk_free"] else "DOES NOT FIT"
     lines += ["", f"stores in all: {h(plan['total_bytes'])}; free on the store's disk: {h(plan['disk_free'])} ({fits})", ""]
     lines.append(tabulate([[d["model"], d["source"], h(d["bytes"]), "yes" if d.get("gated") else ""]

@@ -3,6 +3,7 @@
 import sys
 
 from pipeline import cluster
+from pipeline.cache import fidelity
 from pipeline.config import load_params
 from pipeline.cache.extract import extract
 from stages import run
@@ -16,6 +17,7 @@ def main(name: str) -> None:
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), replace="outdated",
                 client=client, on_error=params.on_error, check_disk=params.check_disk)
+    fidelity.after_extraction(params, name, params.store_path(name))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import cluster
-from pipeline.cache import features, store
+from pipeline.cache import codecs, features, store
 from pipeline.cache.encode import peak_memory
 from pipeline.cache.features import image_maps
 from pipeline.cache.provenance import code_identities, model_identity
@@ -74,21 +74,26 @@ def _backbone_loads(params: BackboneParams, latents_attrs: dict, categories: lis
 
 
 def extract(params: BackboneParams, name: str, latents_path: str | Path, out: str | Path,
-            replace: str = "never", client=None, on_error: str = "fail", check_disk: bool = True) -> Path:
+            replace: str = "never", client=None, on_error: str = "fail", check_disk: bool = True,
+            only: list[str] | None = None) -> Path:
     """Fill the features store `out`; resumes where an interrupted run stopped.
 
     With a dask `client` (pipeline.cluster.connect), images are sharded across its workers, each
     writing its own images' chunks of the same store. `on_error: skip` records a failing image's
     reason in the store and goes on; `fail` stops at the first. Before any work, the images still to do
-    must fit on the store's disk (`check_disk`; see pipeline/cache/sizes.py).
+    must fit on the store's disk (`check_disk`; see pipeline/cache/sizes.py). `only`: these images of the
+    latents store, not all (pipeline/cache/fidelity.py's float16 reference).
     """
     _check(params)
+    codecs.check_storage(params.storage, name)
     check_policy(on_error)
     latents = open_latents(latents_path)
     latents_attrs = dict(latents.attrs)
     images = store.read_images(latents)
     categories = sorted(images["category"].unique())
-    determinants = _determinants(params, latents_attrs)
+    if only is not None:
+        images = images[images["image"].isin(only)].reset_index(drop=True)
+    determinants = _determinants(params, latents_attrs) | ({"only": sorted(only)} if only is not None else {})
     if check_disk:
         from pipeline.cache import sizes
 
@@ -104,7 +109,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
                           "latents_store": str(latents_path)},
         "prompt": params.prompt, "ensemble": params.ensemble, "seed": params.seed, "latent": params.latent,
         "noise": params.noise, "dtype": params.dtype, "device": params.device, "dataset": latents_attrs["dataset"],
-        "layers": params.layers, "timesteps": params.timesteps, "determinants": determinants,
+        "layers": params.layers, "timesteps": params.timesteps, "storage": params.storage, "determinants": determinants,
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")},
     }
     with store.writer_lock(out), store.writing(out):
@@ -137,6 +142,8 @@ def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
                     **code_identities(feature_modules(params.kind))}
     for where_it_runs in ("device", "offload"):
         determinants.pop(where_it_runs)
+    if params.storage == "float16":
+        determinants.pop("storage")  # the default: stores extracted before the knob existed keep their fingerprint
     return determinants
 
 
@@ -175,17 +182,21 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
     backbone = _backbone(params, latents_attrs, sorted(images["category"].unique()))
     root = zarr.open_group(out, mode="r+", use_consolidated=False)
     mean_array, std_array = latents["posterior/mean"], latents["posterior/std"]
+    # The store may hold some of the latents store's images (`only`): its rows are found by image key.
+    in_latents = {image: i for i, image in enumerate(images["image"])}
+    keys = root["image"][:]
     skipped = []
     for index in indices:
-        image, category = images["image"].iloc[index], images["category"].iloc[index]
+        source = in_latents[keys[index]]
+        image, category = images["image"].iloc[source], images["category"].iloc[source]
         start = time.perf_counter()
         if backbone.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(backbone.device)
         try:
-            if not images["done"].iloc[index]:
-                raise PipelineError(latents_path, image, f"not encoded ({images['error'].iloc[index] or 'pending'})")
-            mean = torch.from_numpy(mean_array[index]).permute(2, 0, 1)
-            std = torch.from_numpy(std_array[index]).permute(2, 0, 1)
+            if not images["done"].iloc[source]:
+                raise PipelineError(latents_path, image, f"not encoded ({images['error'].iloc[source] or 'pending'})")
+            mean = torch.from_numpy(mean_array[source]).permute(2, 0, 1)
+            std = torch.from_numpy(std_array[source]).permute(2, 0, 1)
             maps = image_maps(params, backbone, image, category, mean, std, out)
             _write(root, params, backbone, index, maps, latents_attrs["canvas"])
             store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
@@ -212,7 +223,7 @@ def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canva
         node = store.ensure_layer(
             root, layer, arrays,
             {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-            {**backbone.layer_attrs(layer), "stride": stride},
+            {**backbone.layer_attrs(layer), "stride": stride}, storage={"features": params.storage},
         )
         for array in arrays:
             node[array][index] = maps[(layer, array)]

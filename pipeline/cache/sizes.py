@@ -111,9 +111,12 @@ def _dtype(name: str, section: str) -> torch.dtype:
     return hub.DTYPES[name]
 
 
-def stored_bytes(run: MetaRun, timesteps: int) -> int:
-    """Bytes of one image in a features store: float16 arrays, plus an int64 overflow count per layer."""
-    arrays = sum(2 * _numel(shape) for shape in run.shapes.values())
+def stored_bytes(run: MetaRun, timesteps: int, storage: str = "float16") -> int:
+    """Bytes of one image in a features store before compression: `features` kept as `storage`
+    (pipeline/cache/codecs.py), the other arrays float16, plus an int64 overflow count per layer."""
+    from pipeline.cache.codecs import chunk_bytes
+
+    arrays = sum(chunk_bytes(storage if array == "features" else "float16", shape) for (_, array), shape in run.shapes.items())
     layers = len({layer for layer, _ in run.shapes})
     return timesteps * (arrays + 8 * layers)
 
@@ -126,7 +129,7 @@ def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: d
         print(f"{out}: disk space not checked (no local config files for {backbone.model!r})", file=sys.stderr)
         return
     run = meta_run(backbone, latents_attrs, configs)
-    check_disk(out, pending * stored_bytes(run, len(backbone.timesteps)), pending)
+    check_disk(out, pending * stored_bytes(run, len(backbone.timesteps), backbone.storage), pending)
 
 
 def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:

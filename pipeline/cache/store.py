@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from pipeline.cache import codecs
 from pipeline.errors import PipelineError
 
 SCHEMA_VERSION = 2  # 2: layers carry `overflow` counts
-COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
 IMAGE_COLUMNS = ("category", "width", "height", "valid_x0", "valid_y0", "valid_x1", "valid_y1")
 
 
@@ -145,20 +145,21 @@ def writer_lock(path: str | Path):
         handle.close()
 
 
-def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None):
+def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None, storage="float16"):
     return group.create_array(
         name, shape=shape, dtype=dtype, chunks=chunks or (1,) * len(shape), dimension_names=dims,
-        fill_value=fill_value, compressors=COMPRESSOR,
+        fill_value=fill_value, **codecs.codecs(storage),
     )
 
 
 def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
-                 coords: dict[str, np.ndarray], attrs: dict, dtype="float16") -> zarr.Group:
+                 coords: dict[str, np.ndarray], attrs: dict, dtype="float16", storage: dict | None = None) -> zarr.Group:
     """The node for one layer, created on first use with the given per-image arrays.
 
     `arrays` maps an array name to (dims after image, shape after image) of `dtype`, or to (dims, shape,
     its own dtype) for an integer array, which is filled with 0. Each chunk holds one image and one
-    timestep, except for arrays of (image, timestep) alone: one image per chunk.
+    timestep, except for arrays of (image, timestep) alone: one image per chunk. `storage` maps an array
+    name to its encoding (pipeline/cache/codecs.py; float16 if not given).
     """
     if name in root:
         return root[name]
@@ -169,7 +170,7 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
         chunks = (1, 1, *shape[1:]) if dims[0] == "timestep" and len(dims) > 1 else (1, *shape)
         kind = own_dtype[0] if own_dtype else dtype
         _array(node, array, (images, *shape), kind, ["image", *dims], chunks=chunks,
-               fill_value=0 if np.dtype(kind).kind in "iu" else np.nan)
+               fill_value=0 if np.dtype(kind).kind in "iu" else np.nan, storage=(storage or {}).get(array, "float16"))
     for dim, values in coords.items():
         _array(node, dim, values.shape, values.dtype, [dim], chunks=values.shape)[:] = values
     return node
@@ -308,6 +309,9 @@ def describe(path: str | Path) -> str:
     ]
     if "timestep" in root:
         lines.append(f"timesteps: {', '.join(str(t) for t in root['timestep'][:])}")
+    if attrs.get("kind") == "features":
+        lines.append(f"storage: {attrs.get('storage', 'float16')} (pipeline/cache/codecs.py)")
+        lines += describe_fidelity(dict(attrs))
     clipped = overflow(root) if attrs.get("kind") == "features" else {}
     if clipped:
         lines.append("values clipped to float16's range (+-65504): " + ", ".join(f"{k} {v}" for k, v in clipped.items()))
@@ -320,3 +324,14 @@ def describe(path: str | Path) -> str:
         shape = " x ".join(f"{d}={n}" for d, n in zip(main.metadata.dimension_names, main.shape))
         lines.append(f"  {name}: {shape}" + (f" (+ {', '.join(extra)})" if extra else ""))
     return "\n".join(lines)
+
+
+def describe_fidelity(attrs: dict) -> list[str]:
+    """A lossy store's own fidelity figures (pipeline/cache/fidelity.py), for `describe`."""
+    found = attrs.get("fidelity")
+    if not found:
+        return []
+    lines = [f"fidelity of {found['storage']} against float16 ({found['images']} images; dift, every transform):"]
+    lines += [f"  {layer}: {f['identical']:.1%} identical predictions, PCK@0.1 change {f['pck_change']:.2f} points "
+              f"({f['pairs']} pairs)" for layer, f in found["layers"].items()]
+    return lines

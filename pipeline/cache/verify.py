@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import store
+from pipeline.cache import codecs, store
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class Problem:
         return f"{self.image or '(store)'}: {self.where}: {self.reason}"
 
 
-def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[list[Problem], str]:
-    """The problems found, and a one-line summary of what was checked."""
+def verify(path: str | Path, expected_fingerprint: str | None = None,
+           fidelity_limits: tuple[float, float] = (0.98, 0.5)) -> tuple[list[Problem], str]:
+    """The problems found, and a one-line summary of what was checked. `fidelity_limits`: the least
+    fraction of identical predictions and the largest PCK change (points) a lossy store may show."""
     path = store.location(path)
     root = store.open_existing(path)
     attrs = dict(root.attrs)
@@ -45,6 +47,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None) -> tuple[l
         problems += [Problem(None, leftover.relative_to(path).as_posix(), "temporary file of an interrupted writer "
                              "(removed when the store is next written)") for leftover in sorted(path.rglob("*.partial"))]
 
+    problems += [Problem(None, f"fidelity: {layer}", reason) for layer, reason in fidelity_problems(attrs, *fidelity_limits)]
     images = store.read_images(root)
     count = len(images)
     nodes = {name: root[name] for name in (store.layers(root) if attrs.get("kind") == "features" else ["posterior"])
@@ -96,3 +99,19 @@ def _shape_problem(array, dims: tuple, count: int, timesteps: int | None, node) 
     if expected and dims != expected:
         return f"dimensions {dims}, expected {expected}"
     return None
+
+
+def fidelity_problems(attrs: dict, min_identical: float, max_pck_change: float) -> list[tuple[str, str]]:
+    """(layer, reason) for each layer below the thresholds; a lossy store without figures is one problem."""
+    if not codecs.is_lossy(attrs.get("storage", "float16")):
+        return []
+    found = attrs.get("fidelity")
+    if not found:
+        return [("fidelity", f"{attrs['storage']} store without fidelity figures (extraction did not finish measuring)")]
+    bad = []
+    for layer, figures in found["layers"].items():
+        if figures["identical"] < min_identical:
+            bad.append((layer, f"{figures['identical']:.1%} of predictions identical to float16 < {min_identical:.0%}"))
+        if figures["pck_change"] > max_pck_change:
+            bad.append((layer, f"PCK@0.1 changes by {figures['pck_change']:.2f} points > {max_pck_change}"))
+    return bad

@@ -1,0 +1,77 @@
+"""A store kept with lossy `storage` measures what the encoding costs matching, and records it.
+
+After extraction, the images of a sample of the split's pairs are extracted again as float16 (the same
+seeded computation: the values the lossy store encoded) into `<store>.fidelity-reference`, both stores
+are matched on those pairs with the `dift` protocol under every transform configured for the backbone,
+and per layer the store's attrs get (`fidelity`): the fraction of predictions identical to float16's, and
+the largest change of PCK@0.1 (bbox, in points) over the layer's timesteps and transforms. The reference
+is then deleted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify` fails below
+`fidelity.min_identical` or above `fidelity.max_pck_change` (params.yaml; pipeline/cache/verify.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import zarr
+
+from pipeline.cache import codecs, store
+
+
+def after_extraction(params, name: str, out) -> dict | None:
+    """What `extract` (stage and CLI) does once a store is complete: measure it, when its storage is lossy."""
+    backbone = params.backbone(name)
+    if not codecs.is_lossy(backbone.storage):
+        return None
+    return measure(backbone, name, params.latents_path(backbone.latents), out, pd.read_parquet(params.data.pairs),
+                   params.match.transforms_for(name), params.fidelity.images)
+
+
+def sample_pairs(pairs: pd.DataFrame, count: int, seed: int = 0) -> tuple[list[str], pd.DataFrame]:
+    """Up to `count` images, taken pair by pair in a seeded order, and every pair of the split whose two
+    images are among them."""
+    order = pairs.sample(frac=1.0, random_state=seed) if len(pairs) else pairs
+    chosen: list[str] = []
+    for pair in order.itertuples(index=False):
+        new = [image for image in dict.fromkeys((pair.src_image, pair.trg_image)) if image not in chosen]
+        if len(chosen) + len(new) > count:
+            continue
+        chosen += new
+    inside = pairs["src_image"].isin(chosen) & pairs["trg_image"].isin(chosen)
+    return sorted(chosen), pairs[inside]
+
+
+def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform_specs, images: int = 24) -> dict:
+    """Extract the sample's float16 reference, match both stores, record and return `fidelity` per layer."""
+    from pipeline.cache.extract import extract
+    from pipeline.evaluation import metrics
+    from pipeline.matching.match import match_store
+
+    chosen, sample = sample_pairs(pairs, images)
+    reference_path = Path(f"{out}.fidelity-reference")
+    reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path,
+                        replace="outdated", only=chosen, check_disk=False)
+    tables = {which: match_store(path, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
+              for which, path in (("stored", out), ("float16", reference))}
+    same = (tables["stored"][["pred_x", "pred_y"]].to_numpy() == tables["float16"][["pred_x", "pred_y"]].to_numpy()).all(1)
+    pck = {which: metrics.pck_table(table, alphas=(metrics.HEADLINE_ALPHA,)).query("category == 'all' and kind == 'per_image'")
+           for which, table in tables.items()}
+    keys = ["layer", "timestep", "transform"]
+    change = pck["stored"].merge(pck["float16"], on=keys, suffixes=("", "_float16"))
+    change["points"] = 100 * (change["pck"] - change["pck_float16"]).abs()
+    fidelity = {}
+    for layer, rows in tables["stored"].groupby("layer", sort=True):
+        fidelity[layer] = {"identical": float(same[rows.index].mean()),
+                           "pck_change": float(change.loc[change["layer"] == layer, "points"].max()),
+                           "pairs": int(len(sample)), "predictions": int(len(rows))}
+    root = zarr.open_group(store.local(out), mode="r+", use_consolidated=False)
+    root.attrs["fidelity"] = {"storage": params.storage, "images": len(chosen), "layers": fidelity}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(root.store)
+    shutil.rmtree(reference_path)
+    return fidelity
