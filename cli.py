@@ -19,7 +19,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            for line in str(exc).splitlines():  # a parameters file reports all its problems, one line each
+                click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
 

@@ -11,5 +11,6 @@ def run(main, *args) -> None:
     try:
         main(*args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a parameters file reports all its problems, one line each
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

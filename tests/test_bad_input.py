@@ -3,6 +3,7 @@
 
 import errno
 import json
+from pathlib import Path
 import shutil
 from dataclasses import replace
 
@@ -124,6 +125,102 @@ def test_zero_area_bbox(root):
     with pytest.raises(PipelineError) as failed:
         load_split(root, "test")
     assert one_line(failed) == f"{path}: trg_bndbox: zero-area box [10, 10, 10, 50]"
+
+
+def test_inverted_bbox(root):
+    path = edit_pair(root, src_bndbox=[90, 10, 40, 50])
+    with pytest.raises(PipelineError) as failed:
+        load_split(root, "test")
+    assert one_line(failed) == f"{path}: src_bndbox: inverted box [90, 10, 40, 50] (x2 < x1)"
+
+
+def test_an_image_resized_to_half_fails_naming_it_both_sizes_and_its_pairs(root):
+    from PIL import Image
+
+    fine = load_split(root, "test")
+    with Image.open(root / IMAGE) as image:
+        width, height = image.size
+        image.resize((width // 2, height // 2)).save(root / IMAGE)
+    using = sorted(fine.pairs.loc[(fine.pairs["src_image"] == "star/demo_00001") | (fine.pairs["trg_image"] == "star/demo_00001"),
+                                  "filename"])
+    first = fine.pairs[fine.pairs["filename"].isin(using)].iloc[0]
+    side = "src" if first["src_image"] == "star/demo_00001" else "trg"
+    with pytest.raises(PipelineError) as failed:
+        load_split(root, "test")
+    named = ", ".join(using[:3]) + (f" and {len(using) - 3} more" if len(using) > 3 else "")
+    assert one_line(failed) == (f"{root / IMAGE}: size: image is {width // 2}x{height // 2} but annotated {width}x{height} "
+                                f"({first['filename']}.json {side}_imsize); used by {len(using)} pair(s): {named}")
+    split = load_split(root, "test", on_error="skip")
+    assert sorted(split.skipped["pair"]) == using and len(split.pairs) == len(fine.pairs) - len(using)
+
+
+# Ten malformed parameter files, each with the one-line errors it must give (all of them, before any work).
+BAD_PARAMS = [
+    ("backbones.sd2.layers", "up_blocks.1",
+     ["backbones.sd2.layers: expected a non-empty list of strings, got 'up_blocks.1'"]),
+    ("backbones.sd2.ensemble", "two", ["backbones.sd2.ensemble: expected an integer >= 1, got 'two'"]),
+    ("backbones.sd3.timesteps", [101, 1200], ["backbones.sd3.timesteps[1]: expected an integer in 0..1000, got 1200"]),
+    ("backbones.sd2.kind", "sd4",
+     ["backbones.sd2.kind: expected one of 'sd2', 'sd3', 'flux', 'vae-sd2', 'vae-sd3', 'dinov2', 'clip', got 'sd4'"]),
+    ("encoders.tiny-sd2.canvas_mode", "crop", ["encoders.tiny-sd2.canvas_mode: expected one of 'squash', 'pad', got 'crop'"]),
+    ("match.protocols", ["dift", "geoware"], ["match.protocols[1]: expected one of 'dift', 'geoaware', got 'geoware'"]),
+    ("backbones.sd2.dtype", "fp16", ["backbones.sd2.dtype: expected one of 'float32', 'float16', 'bfloat16', got 'fp16'"]),
+    ("backbones.sd2.layer", ["up_blocks.1"], ["backbones.sd2.layers: missing: a non-empty list of strings is required",
+                                              "backbones.sd2.layer: unknown parameter; did you mean 'layers'?"]),
+    ("matchh", {}, ["matchh: unknown parameter; did you mean 'match'?"]),
+    ("encoders.pixels.canvas", 225, [
+        "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which clip needs (its patch; backbones.clip)",
+        "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which dinov2 needs (its patch; backbones.dinov2)"]),
+    ("backbones.sd3.storage", "int4", ["backbones.sd3.storage: expected float16, float16-shuffle, int8 or pca:<K>, got 'int4'"]),
+    ("backbones.sd2.latents", "tiny-sd9",
+     ["backbones.sd2.latents: no encoder named 'tiny-sd9'; encoders has ['pixels', 'tiny-flux', 'tiny-sd2', 'tiny-sd3']"]),
+]
+
+
+@pytest.mark.parametrize("key, value, errors", BAD_PARAMS, ids=[case[0] for case in BAD_PARAMS])
+def test_malformed_params_are_refused_before_any_work(key, value, errors, tmp_path, monkeypatch):
+    """Through the command line, as a user meets them: exit 2, the documented lines, nothing written."""
+    import yaml
+    from click.testing import CliRunner
+
+    from cli import cli
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in params["backbones"].values():  # models/ of a fresh clone: the ViT patch from the default
+        name["model"] = name["model"].replace("models/", "absent/")
+    node, *path = params, *key.split(".")
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    if path[-1] == "layer":
+        del node["layers"]
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(cli, ["plan", "--images", "10"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: params.yaml: {line}" for line in errors]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_every_problem_at_once(tmp_path):
+    import yaml
+
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["backbones"]["sd2"]["ensemble"] = 0
+    params["match"]["statistics"] = "most"
+    params["dask"]["workerz"] = 2
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError) as failed:
+        load_params(path)
+    assert str(failed.value).splitlines() == [
+        f"{path}: backbones.sd2.ensemble: expected an integer >= 1, got 0",
+        f"{path}: match.statistics: expected one of 'none', 'basic', 'all', got 'most'",
+        f"{path}: dask.workerz: unknown parameter; did you mean 'workers'?",
+    ]
 
 
 def test_unknown_category_layer_and_backbone(root, demo_stores):

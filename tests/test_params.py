@@ -29,5 +29,14 @@ def test_profile_is_consistent(path):
 def test_unknown_parameter_is_named(tmp_path):
     path = Path(tmp_path / "p.yaml")
     path.write_text("backbones:\n  x: {kind: sd2, model: m, latents: l, layer: [up_blocks.1]}\n")
-    with pytest.raises(PipelineError, match=r"backbones.x: layer: unknown parameter"):
+    with pytest.raises(PipelineError, match=r"backbones.x.layer: unknown parameter; did you mean 'layers'\?"):
         load_params(path)
+
+
+def test_readme_parameter_reference_is_the_schemas():
+    from pipeline.config import reference
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- params -->\n", 1)[1].split("<!-- /params -->", 1)[0]
+    assert block == reference()
+    assert "| `backbones.<name>.ensemble` | an integer >= 1 | `8` |" in block

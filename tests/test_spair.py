@@ -95,7 +95,7 @@ def test_image_problems(spair_sample):
     from PIL import Image
 
     Image.new("RGB", (10, 10)).save(image)
-    with pytest.raises(PipelineError, match=r"2007_009889.jpg: image is 10x10 but .* says trg_imsize"):
+    with pytest.raises(PipelineError, match=r"2007_009889.jpg: size: image is 10x10 but annotated .*trg_imsize\); used by"):
         load_split(spair_sample, "test")
 
 

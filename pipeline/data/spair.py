@@ -89,7 +89,10 @@ def _check_side(path: Path, record: dict, side: str) -> None:
         raise PipelineError(path, f"{side}_imsize", f"expected [W, H, C] positive integers, got {size}")
     if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
         raise PipelineError(path, f"{side}_bndbox", f"expected [x1, y1, x2, y2], got {box}")
-    if box[2] <= box[0] or box[3] <= box[1]:
+    if box[2] < box[0] or box[3] < box[1]:
+        axis = "x2 < x1" if box[2] < box[0] else "y2 < y1"
+        raise PipelineError(path, f"{side}_bndbox", f"inverted box {box} ({axis})")
+    if box[2] == box[0] or box[3] == box[1]:
         raise PipelineError(path, f"{side}_bndbox", f"zero-area box {box}")
     if len(kps) != len(record["kps_ids"]):
         raise PipelineError(
@@ -159,6 +162,10 @@ def load_split(
             )
         records = [r for r in records if r["category"] in categories]
 
+    users: dict[str, list[str]] = {}  # image -> the pairs that use it, named in its errors
+    for record in records:
+        for side in ("src", "trg"):
+            users.setdefault(image_key(record["category"], record[f"{side}_imname"]), []).append(record["filename"])
     images: dict[str, dict] = {}
     broken: dict[str, PipelineError] = {}
     rows = []
@@ -169,7 +176,7 @@ def load_split(
                 key = image_key(record["category"], record[f"{side}_imname"])
                 if key not in images and key not in broken:
                     try:
-                        images[key] = _image_row(root, record, side, key)
+                        images[key] = _image_row(root, record, side, key, users[key])
                     except PipelineError as exc:
                         broken[key] = exc
                 if key in broken:
@@ -191,13 +198,15 @@ def load_split(
                  skipped=pd.DataFrame(skipped, columns=["pair", "reason"]))
 
 
-def _image_row(root: Path, record: dict, side: str, key: str) -> dict:
+def _image_row(root: Path, record: dict, side: str, key: str, users: list[str]) -> dict:
     path = Path("JPEGImages") / record["category"] / record[f"{side}_imname"]
     width, height, depth = record[f"{side}_imsize"]
     actual = image_size(root / path)
     if actual != (width, height):
-        raise PipelineError(root / path, None, f"image is {actual[0]}x{actual[1]} but {record['filename']}.json "
-                                               f"says {side}_imsize {width}x{height}")
+        named = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
+        raise PipelineError(root / path, "size", f"image is {actual[0]}x{actual[1]} but annotated {width}x{height} "
+                                                 f"({record['filename']}.json {side}_imsize); used by {len(users)} "
+                                                 f"pair(s): {named}")
     return {"image": key, "category": record["category"], "name": Path(record[f"{side}_imname"]).stem,
             "path": path.as_posix(), "width": width, "height": height, "depth": depth}
 

@@ -1,0 +1,115 @@
+"""What each `storage` choice costs and keeps, on existing float16 stores.
+
+For each store and each choice (pipeline/cache/codecs.py), the store's `features` arrays are re-encoded
+chunk by chunk (exactly what extraction with that choice writes: it encodes the same float16 values), then
+both are matched on the split's pairs with `dift` under every transform configured for the backbone.
+Printed per store and choice: bytes per image on disk (features arrays) and their ratio to float16, the
+encoding time per image against the extraction's own seconds per image (the store records them), and over
+every (layer, timestep, transform) variant the lowest fraction of predictions identical to float16 and the
+largest change of PCK@0.1 (bbox, points).
+
+    python benchmarks/storage.py --store store/sd3.zarr [--store ...] [--pairs data/prepared/pairs.parquet]
+        [--storage int8 --storage pca:64 ...] [--json benchmarks/results/storage.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cache import codecs, store  # noqa: E402
+from pipeline.cache.maps import StoreMaps  # noqa: E402
+from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
+from pipeline.evaluation import metrics  # noqa: E402
+from pipeline.matching.match import match_store  # noqa: E402
+
+CHOICES = ("float16-shuffle", "int8", "pca:256", "pca:128", "pca:64")
+
+
+def features_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/features/" in f.as_posix())
+
+
+def reencode(source: Path, out: Path, storage: str) -> float:
+    """A copy of `source` whose features arrays are kept as `storage`; seconds spent encoding, per image."""
+    shutil.copytree(source, out)
+    root = zarr.open_group(out, mode="r+", use_consolidated=False)
+    seconds = 0.0
+    for layer in store.layers(root):
+        old = root[layer]["features"]
+        values = old[:]
+        dims, chunks, fill = old.metadata.dimension_names, old.chunks, old.metadata.fill_value
+        del root[layer]["features"]
+        new = root[layer].create_array("features", shape=values.shape, dtype=values.dtype, chunks=chunks,
+                                       dimension_names=dims, fill_value=fill, **codecs.codecs(storage))
+        start = time.perf_counter()
+        new[:] = values
+        seconds += time.perf_counter() - start
+    root.attrs["storage"] = storage
+    zarr.consolidate_metadata(root.store)
+    return seconds / root["image"].shape[0]
+
+
+def compare(reference: pd.DataFrame, other: pd.DataFrame) -> tuple[float, float]:
+    """Over every variant: the lowest fraction of identical predictions and the largest PCK@0.1 change (points)."""
+    keys = ["layer", "timestep", "transform"]
+    same = (reference[["pred_x", "pred_y"]].to_numpy() == other[["pred_x", "pred_y"]].to_numpy()).all(1)
+    identical = pd.Series(same, index=reference.index).groupby([reference[k] for k in keys]).mean().min()
+    pck = [metrics.pck_table(t, alphas=(0.1,)).query("category == 'all' and kind == 'per_image'").set_index(keys)["pck"]
+           for t in (reference, other)]
+    return float(identical), float(100 * (pck[0] - pck[1]).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", action="append", required=True, type=Path)
+    parser.add_argument("--pairs", type=Path, default=None, help="default data.pairs of --params")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    parser.add_argument("--storage", action="append", default=None, help=f"default: {', '.join(CHOICES)}")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    pairs = pd.read_parquet(args.pairs or params.data.pairs)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for path in args.store:
+            maps = StoreMaps(path)
+            specs = params.match.transforms_for(maps.name)
+            extraction = statistics.median(maps.images["seconds"].dropna()) if maps.images["seconds"].notna().any() else np.nan
+            reference = match_store(path, pairs, transform_specs=specs, statistics="none")
+            base = features_bytes(Path(path)) / len(maps.images)
+            rows.append({"store": maps.name, "storage": "float16", "bytes_per_image": base, "ratio": 1.0,
+                         "encode_s_per_image": np.nan, "extract_s_per_image": extraction, "identical_min": 1.0,
+                         "pck_change_max": 0.0})
+            for storage in args.storage or CHOICES:
+                out = Path(folder) / f"{maps.name}-{storage.replace(':', '-')}.zarr"
+                encode = reencode(Path(path), out, storage)
+                identical, change = compare(reference, match_store(out, pairs, transform_specs=specs, statistics="none"))
+                size = features_bytes(out) / len(maps.images)
+                rows.append({"store": maps.name, "storage": storage, "bytes_per_image": size, "ratio": size / base,
+                             "encode_s_per_image": encode, "extract_s_per_image": extraction,
+                             "identical_min": identical, "pck_change_max": change})
+                print(rows[-1], flush=True)
+                shutil.rmtree(out)
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
