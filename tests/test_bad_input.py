@@ -366,3 +366,26 @@ def test_corrupt_image_skipped_at_encode_is_skipped_downstream(demo_stores, tmp_
     assert "not encoded" in table.loc[~table["done"], "error"].item()
     assert "star/demo_00001" in capsys.readouterr().err
     assert table["image"].tolist() == images["image"].tolist()
+
+
+def test_a_stage_refuses_malformed_params_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["split"] = "testing"
+    params["on_error"] = "ignore"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: params.yaml: data.split: expected one of 'trn', 'val', 'test', got 'testing'",
+        "error: params.yaml: on_error: expected one of 'fail', 'skip', got 'ignore'",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -39,6 +39,8 @@ def project(tmp_path):
     # (the whole demo runs in the README's quickstart).
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbones"] = {name: params["backbones"][name] for name in ("sd3", "vae-sd3")}
+    params["backbones"]["sd3"] |= {"layers": ["transformer_blocks.1", "transformer_blocks.3"], "timesteps": [261]}
+    params["demo"]["sources_per_category"] = 1  # 15 images
     params["encoders"] = {"tiny-sd3": params["encoders"]["tiny-sd3"]}
     params["demo"]["models"] = {"tiny-sd3": params["demo"]["models"]["tiny-sd3"]}
     params["match"]["transforms"] = {k: v for k, v in params["match"]["transforms"].items() if k in params["backbones"]}
