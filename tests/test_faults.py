@@ -77,14 +77,19 @@ def progress(stage: str, out) -> int:
 
 
 def kill_at_random_point(project, stage, out, rng, seconds_per_result: float, total: int) -> int | None:
-    """Start (or resume) the stage and kill -9 it at a random moment of the work it has left, once it
-    has added a result of its own; the results on disk then, or None if the work was already over."""
+    """Start (or resume) the stage and kill -9 it mid-work: once a random number of results (at least one
+    of its own, fewer than all) is on disk, at a random moment of the next result's work; the results on
+    disk then, or None if the work was over first. Striking at a count, not after a time measured in
+    another run, keeps the kills mid-work whatever else loads the machine."""
     before = progress(stage, out)
+    if before >= total - 1:
+        return None
+    target = rng.randint(before + 1, before + max(1, (total - 1 - before) // 2))  # leaves room for the next kills
     process = run(project, stage, out)
     started = time.monotonic()
-    while progress(stage, out) == before and process.poll() is None and time.monotonic() - started < 120:
+    while progress(stage, out) < target and process.poll() is None and time.monotonic() - started < 300:
         time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.9 * (total - progress(stage, out)) * seconds_per_result))
+    time.sleep(rng.uniform(0, 0.5 * seconds_per_result))
     alive = process.poll() is None
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -139,8 +144,10 @@ def test_kill_9_at_random_points_then_rerun_converges(project, reference, stage,
                 assert not out.exists()  # the table appears whole, or not at all
         elif stage == "match":
             out.unlink(missing_ok=True)  # the run finished before the kill: start again from nothing
-        elif progress(stage, out) == totals[stage]:
-            shutil.rmtree(out)  # the store was complete before the kill: start again from nothing
+            if progress(stage, out) >= totals[stage] - 1:
+                shutil.rmtree(out.with_name(f"{out.name}.parts"))
+        elif progress(stage, out) >= totals[stage] - 1:
+            shutil.rmtree(out)  # (nearly) complete before the kill: start again from nothing
     print(f"{stage}: killed with {points} of {totals[stage]} results on disk ({attempts} attempts)")
     assert len(points) == KILLS[stage], f"only {len(points)} of {attempts} kills landed mid-work"
     finished(project, stage, out)
