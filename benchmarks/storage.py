@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.cache import codecs, store  # noqa: E402
+from pipeline.cache.fidelity import agreement  # noqa: E402
 from pipeline.cache.maps import StoreMaps  # noqa: E402
 from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
-from pipeline.evaluation import metrics  # noqa: E402
 from pipeline.matching.match import match_store  # noqa: E402
 
 CHOICES = ("float16-shuffle", "int8", "pca:256", "pca:128", "pca:64")
@@ -65,12 +65,8 @@ def reencode(source: Path, out: Path, storage: str) -> float:
 
 def compare(reference: pd.DataFrame, other: pd.DataFrame) -> tuple[float, float]:
     """Over every variant: the lowest fraction of identical predictions and the largest PCK@0.1 change (points)."""
-    keys = ["layer", "timestep", "transform"]
-    same = (reference[["pred_x", "pred_y"]].to_numpy() == other[["pred_x", "pred_y"]].to_numpy()).all(1)
-    identical = pd.Series(same, index=reference.index).groupby([reference[k] for k in keys]).mean().min()
-    pck = [metrics.pck_table(t, alphas=(0.1,)).query("category == 'all' and kind == 'per_image'").set_index(keys)["pck"]
-           for t in (reference, other)]
-    return float(identical), float(100 * (pck[0] - pck[1]).abs().max())
+    found = agreement(other, reference)
+    return float(found["identical"].min()), float(found["pck_change"].max())
 
 
 def main() -> None:
