@@ -4,14 +4,17 @@ Prints, from one run, medians over --repeats:
   (a) SD2: a sweep of 4 layers x 2 timesteps vs single-layer single-timestep runs
       (one forward per timestep captures every layer: expect ~2 single runs, not 8);
   (b) SD3: extracting an early block vs the last block (the forward stops after the deepest layer);
-  (c) the store-writing overhead: extract() vs the bare forward loop over the same inputs.
+  (c) the store-writing overhead: extract() vs the bare forward loop over the same inputs;
+  (d) the cost of a lossy `storage` (--storage, each): SD3 extracting every block, against float16.
 
     python benchmarks/extract.py [--images 8] [--canvas 256] [--repeats 3] [--device cpu]
+        [--storage int8 --storage pca:64 ...] [--storage-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -54,6 +57,26 @@ def per_image(fn, repeats: int) -> float:
                              for _ in range(repeats))
 
 
+def real_size_writes(storage: str, images: int, blocks: int = 24, cells: int = 48, channels: int = 1536) -> float:
+    """Median seconds to write one image of SD3-medium's `blocks` blocks at 768 px (48 x 48 x 1536 float16:
+    normal values with two massive channels) through the extraction's own write (store.write_image)."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((1, cells, cells, channels)).astype(np.float16)
+    values[..., [3, 700]] = [300.0, -150.0]
+    with tempfile.TemporaryDirectory() as folder:
+        root = zarr.open_group(Path(folder) / "writes.zarr", mode="w")
+        root.create_array("image", shape=(images,), dtype="int64")
+        coords = {"y": np.arange(cells), "x": np.arange(cells), "channel": np.arange(channels)}
+        nodes = [store.ensure_layer(root, f"transformer_blocks.{b}", {"features": (("timestep", "y", "x", "channel"),
+                                    values.shape)}, coords, {}, storage={"features": storage}) for b in range(blocks)]
+        times = []
+        for index in range(images):
+            start = time.perf_counter()
+            store.write_image(index, [(node["features"], values) for node in nodes])
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
@@ -61,6 +84,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--storage", action="append", default=None, help="(d): default int8 and pca:64")
+    parser.add_argument("--storage-only", action="store_true", help="run (d) alone")
     args = parser.parse_args()
 
     hub.quiet()
@@ -84,6 +109,21 @@ def main() -> None:
           f"median of {args.repeats}; torch threads {torch.get_num_threads()}")
     print("seconds per image (median), model loading excluded:")
     up = [f"up_blocks.{i}" for i in range(4)]
+    blocks = MID_SD3_TRANSFORMER["num_layers"]
+    every = replace(sd3_params, layers=[f"transformer_blocks.{i}" for i in range(blocks)])
+    plain = per_image(run(every), args.repeats)
+    line = f"(d) SD3 all {blocks} blocks, float16 {plain:.3f} s/img"
+    for storage in args.storage or ["int8", "pca:64"]:
+        lossy = per_image(run(replace(every, storage=storage)), args.repeats)
+        line += f"; {storage} {lossy:.3f} s/img ({100 * (lossy - plain) / plain:+.1f}%)"
+    print(line + f"  (target <= +10%; {os.cpu_count()} CPUs)", flush=True)
+    plain = real_size_writes("float16", args.images)
+    line = f"    writing one real-size SD3-medium image (24 blocks x 48 x 48 x 1536): float16 {plain:.3f} s"
+    for storage in args.storage or ["int8", "pca:64"]:
+        line += f"; {storage} {real_size_writes(storage, args.images):.3f} s"
+    print(line, flush=True)
+    if args.storage_only:
+        return
     sweep = per_image(run(replace(sd2_params, layers=up, timesteps=[101, 261])), args.repeats)
     single = {layer: per_image(run(replace(sd2_params, layers=[layer], timesteps=[261])), args.repeats)
               for layer in up}
@@ -93,7 +133,6 @@ def main() -> None:
     print(f"    sweep / one single-layer run (up_blocks.3) = {sweep / single['up_blocks.3']:.2f}  (target ~2); "
           f"sweep / 8 separate runs = {sweep / separate:.2f}")
 
-    blocks = MID_SD3_TRANSFORMER["num_layers"]
     early = per_image(run(replace(sd3_params, layers=["transformer_blocks.1"])), args.repeats)
     last = per_image(run(replace(sd3_params, layers=[f"transformer_blocks.{blocks - 1}"])), args.repeats)
     print(f"(b) SD3 ({blocks} blocks) transformer_blocks.1: {early:.3f} s/img, transformer_blocks.{blocks - 1}: "

@@ -6,7 +6,9 @@ both are matched on the split's pairs with `dift` under every transform configur
 Printed per store and choice: bytes per image on disk (features arrays) and their ratio to float16, the
 encoding time per image against the extraction's own seconds per image (the store records them), and over
 every (layer, timestep, transform) variant the lowest fraction of predictions identical to float16 and the
-largest change of PCK@0.1 (bbox, points).
+largest change of PCK@0.1 (bbox, points). A reference row, `bfloat16-rounding`, gives the same figures for
+the float16 features rounded to bfloat16: how far predictions move with no encoding at all, only the
+precision the real profile computes FLUX in.
 
     python benchmarks/storage.py --store store/sd3.zarr [--store ...] [--pairs data/prepared/pairs.parquet]
         [--storage int8 --storage pca:64 ...] [--json benchmarks/results/storage.json]
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import zarr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,28 +40,40 @@ from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
 from pipeline.matching.match import match_store  # noqa: E402
 
 CHOICES = ("float16-shuffle", "int8", "pca:256", "pca:128", "pca:64")
+# Not a storage choice: the scale of "identical predictions". Rounding the float16 features to bfloat16
+# moves predictions as much as the model's own compute precision would, with no encoding at all.
+BFLOAT16_ROUNDING = "bfloat16-rounding"
 
 
 def features_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/features/" in f.as_posix())
 
 
+def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
+    """The float16 values rounded to bfloat16's 8 significant bits (and back to float16): what computing
+    the features in bfloat16 (FLUX's dtype in the real profile) costs their last step alone."""
+    return torch.from_numpy(values.astype(np.float32)).bfloat16().float().numpy().astype(np.float16)
+
+
 def reencode(source: Path, out: Path, storage: str) -> float:
-    """A copy of `source` whose features arrays are kept as `storage`; seconds spent encoding, per image."""
+    """A copy of `source` whose features arrays are kept as `storage` (or, for BFLOAT16_ROUNDING, float16
+    arrays of bfloat16-rounded values); seconds spent encoding, per image."""
     shutil.copytree(source, out)
     root = zarr.open_group(out, mode="r+", use_consolidated=False)
     seconds = 0.0
+    rounding = storage == BFLOAT16_ROUNDING
     for layer in store.layers(root):
         old = root[layer]["features"]
-        values = old[:]
+        values = bfloat16_rounding(old[:]) if rounding else old[:]
         dims, chunks, fill = old.metadata.dimension_names, old.chunks, old.metadata.fill_value
         del root[layer]["features"]
         new = root[layer].create_array("features", shape=values.shape, dtype=values.dtype, chunks=chunks,
-                                       dimension_names=dims, fill_value=fill, **codecs.codecs(storage))
+                                       dimension_names=dims, fill_value=fill,
+                                       **codecs.codecs("float16" if rounding else storage))
         start = time.perf_counter()
         new[:] = values
         seconds += time.perf_counter() - start
-    root.attrs["storage"] = storage
+    root.attrs["storage"] = "float16" if rounding else storage
     zarr.consolidate_metadata(root.store)
     return seconds / root["image"].shape[0]
 
@@ -74,7 +89,8 @@ def main() -> None:
     parser.add_argument("--store", action="append", required=True, type=Path)
     parser.add_argument("--pairs", type=Path, default=None, help="default data.pairs of --params")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--storage", action="append", default=None, help=f"default: {', '.join(CHOICES)}")
+    parser.add_argument("--storage", action="append", default=None,
+                        help=f"default: {', '.join(CHOICES)}, and {BFLOAT16_ROUNDING} (a reference, not a choice)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     params = load_params(args.params)
@@ -90,7 +106,7 @@ def main() -> None:
             rows.append({"store": maps.name, "storage": "float16", "bytes_per_image": base, "ratio": 1.0,
                          "encode_s_per_image": np.nan, "extract_s_per_image": extraction, "identical_min": 1.0,
                          "pck_change_max": 0.0})
-            for storage in args.storage or CHOICES:
+            for storage in args.storage or (*CHOICES, BFLOAT16_ROUNDING):
                 out = Path(folder) / f"{maps.name}-{storage.replace(':', '-')}.zarr"
                 encode = reencode(Path(path), out, storage)
                 identical, change = compare(reference, match_store(out, pairs, transform_specs=specs, statistics="none"))

@@ -189,3 +189,16 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
     unmeasured = zarr.open_group(compact_stores["pca:16"], mode="r").attrs.asdict()
     assert fidelity_problems(unmeasured, 0.5, 50) == [("fidelity", "pca:16 store without fidelity figures "
                                                                    "(extraction did not finish measuring)")]
+
+
+def test_a_lossy_stores_fingerprint_holds_its_codecs_code():
+    from pipeline.cache.extract import _determinants
+    from pipeline.cache.provenance import code_identity
+    from pipeline.config import BackboneParams
+
+    latents = {"fingerprint": "f"}
+    params = BackboneParams(kind="sd3", model="", latents="l", layers=LAYERS)
+    assert "code:pipeline.cache.codecs" not in _determinants(params, latents)  # float16: nothing decoded
+    for storage in ("int8", "pca:64", "float16-shuffle"):
+        found = _determinants(BackboneParams(kind="sd3", model="", latents="l", layers=LAYERS, storage=storage), latents)
+        assert found["code:pipeline.cache.codecs"] == code_identity(codecs) and found["storage"] == storage

@@ -1,5 +1,7 @@
 """DINOv2 and CLIP vision baselines: pixel canvases in, patch tokens out, in the same store schema."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,20 @@ def test_pixel_backbones_need_a_pixels_encoder(vit_world, tiny_models, demo_root
     params = BackboneParams(kind="dinov2", model=str(model), latents="vae", layers=[layer], noise=False, ensemble=1)
     with pytest.raises(PipelineError, match=r"dinov2 needs an encoder with `kind: pixels`"):
         extract(params, "d", latents, tmp_path / "d.zarr")
+
+
+def test_the_pixels_store_keeps_the_canvas_exactly_as_bytes(vit_world, demo_root):
+    from pipeline.cache.encode import load_canvas
+
+    split = vit_world["split"]
+    posterior = zarr.open_group(vit_world["pixels"], mode="r")["posterior"]
+    for index in (0, 5):
+        path = Path(demo_root) / split.images["path"].iloc[index]
+        expected = load_canvas(path, CANVAS, "squash").permute(1, 2, 0).numpy()
+        assert np.array_equal(posterior["mean"][index], expected)  # bit for bit, float32
+        assert not posterior["std"][index].any()
+    # Both arrays hold one byte a value before compression: the canvas is v / 127.5 - 1 for bytes v.
+    for name in ("mean", "std"):
+        filters = posterior[name].metadata.codecs[0].to_dict()
+        assert filters["configuration"]["astype"] == "|u1", filters
+    assert len(np.unique(posterior["mean"][0])) > 200  # a real image's range, not a flat canvas

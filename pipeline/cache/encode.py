@@ -44,7 +44,8 @@ def load_canvas(path: Path, size: int, mode: str) -> torch.Tensor:
     """The image as a (3, size, size) tensor in [-1, 1]."""
     rgb = open_rgb(path)
     w, h = canvas_geometry(rgb.width, rgb.height, size, mode)
-    pixels = np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+    # In float64, then float32: the values the uint8 storage of a pixels store decodes to (codecs.UINT8_LOSSLESS).
+    pixels = (np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
     canvas = np.zeros((size, size, 3), np.float32)
     canvas[:h, :w] = pixels
     return torch.from_numpy(canvas).permute(2, 0, 1)
@@ -154,6 +155,7 @@ def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderPa
         {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
         {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
          "VAE posterior on the canvas, before any scaling"}, dtype="float32",
+        storage={"mean": "canvas", "std": "zero"} if vae is None else None,
     )
-    node["mean"][index], node["std"][index] = mean, std
+    store.write_image(index, [(node["mean"], mean), (node["std"], std)])
     store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))

@@ -144,6 +144,8 @@ def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
         determinants.pop(where_it_runs)
     if params.storage == "float16":
         determinants.pop("storage")  # the default: stores extracted before the knob existed keep their fingerprint
+    else:  # the codec's code decides the stored values too
+        determinants.update(code_identities([codecs]))
     return determinants
 
 
@@ -211,6 +213,7 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
 
 
 def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canvas: int) -> None:
+    writes = []
     for layer in params.layers:
         features = maps[(layer, "features")]  # (timestep, y, x, channel)
         _, h, w, c = features.shape
@@ -225,5 +228,5 @@ def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canva
             {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
             {**backbone.layer_attrs(layer), "stride": stride}, storage={"features": params.storage},
         )
-        for array in arrays:
-            node[array][index] = maps[(layer, array)]
+        writes += [(node[array], maps[(layer, array)]) for array in arrays]
+    store.write_image(index, writes)

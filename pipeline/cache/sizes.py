@@ -133,8 +133,9 @@ def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: d
 
 
 def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
-    side = encoder.canvas if encoder.kind == "pixels" else encoder.canvas // 8
-    return 2 * side * side * channels * 4  # mean and std, float32
+    if encoder.kind == "pixels":
+        return 2 * encoder.canvas**2 * channels  # the canvas and its std (0), uint8 (codecs.UINT8_LOSSLESS)
+    return 2 * (encoder.canvas // 8) ** 2 * channels * 4  # mean and std, float32
 
 
 def _numel(shape) -> int:

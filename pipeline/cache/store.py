@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,14 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
     for dim, values in coords.items():
         _array(node, dim, values.shape, values.dtype, [dim], chunks=values.shape)[:] = values
     return node
+
+
+def write_image(index: int, writes: list[tuple[zarr.Array, np.ndarray]]) -> None:
+    """Write one image's row of each array, all at once: their chunks encode (zstd, and a lossy storage's
+    codec) on every core rather than one after another."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(writes), os.cpu_count() or 1))) as pool:
+        for written in [pool.submit(array.__setitem__, index, values) for array, values in writes]:
+            written.result()
 
 
 @contextlib.contextmanager
