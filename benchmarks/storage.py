@@ -27,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.cache import codecs, store  # noqa: E402
-from pipeline.cache.fidelity import agreement  # noqa: E402
+from pipeline.cache.fidelity import agreement, bfloat16_rounding  # noqa: E402
 from pipeline.cache.maps import StoreMaps  # noqa: E402
 from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
 from pipeline.matching.match import match_store  # noqa: E402
@@ -47,12 +46,6 @@ BFLOAT16_ROUNDING = "bfloat16-rounding"
 
 def features_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "/features/" in f.as_posix())
-
-
-def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
-    """The float16 values rounded to bfloat16's 8 significant bits (and back to float16): what computing
-    the features in bfloat16 (FLUX's dtype in the real profile) costs their last step alone."""
-    return torch.from_numpy(values.astype(np.float32)).bfloat16().float().numpy().astype(np.float16)
 
 
 def reencode(source: Path, out: Path, storage: str) -> float:

@@ -170,6 +170,19 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
         pck = [metrics.pck_table(t, alphas=(0.1,)).query("category == 'all' and kind == 'per_image'")
                .set_index("transform")["pck"] for t in (mine, other)]
         assert measured[layer]["pck_change"] == pytest.approx(100 * (pck[0] - pck[1]).abs().max())
+    # The scale: the float16 store rounded to bfloat16 (round to nearest even on float32's top 16 bits).
+    rounded = shutil.copytree(compact_stores["float16"], tmp_path / "rounded.zarr")
+    group = zarr.open_group(rounded, mode="r+", use_consolidated=False)
+    for layer in LAYERS:
+        bits = group[layer]["features"][:].astype(np.float32).view(np.uint32)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        group[layer]["features"][:] = bits.view(np.float32).astype(np.float16)
+    floor = match_store(rounded, sample, transform_specs=specs, statistics="none")
+    for layer in LAYERS:
+        mine, other = floor[floor["layer"] == layer], theirs[theirs["layer"] == layer]
+        same = (mine[["pred_x", "pred_y"]].to_numpy() == other[["pred_x", "pred_y"]].to_numpy()).all(1).mean()
+        assert measured[layer]["bfloat16_identical"] == pytest.approx(same)
+    assert any(measured[layer]["bfloat16_identical"] < 1 for layer in LAYERS)  # the rounding moved something
     root = zarr.open_group(path, mode="r")
     assert root.attrs["fidelity"]["layers"] == measured and root.attrs["fidelity"]["storage"] == "int8"
     runner = CliRunner()

@@ -4,8 +4,11 @@ After extraction, the images of a sample of the split's pairs are extracted agai
 seeded computation: the values the lossy store encoded) into `<store>.fidelity-reference`, both stores
 are matched on those pairs with the `dift` protocol under every transform configured for the backbone,
 and per layer the store's attrs get (`fidelity`): the fraction of predictions identical to float16's, and
-the largest change of PCK@0.1 (bbox, in points) over the layer's timesteps and transforms. The reference
-is then deleted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify` fails below
+the largest change of PCK@0.1 (bbox, in points) over the layer's timesteps and transforms. For scale, the
+same two figures are recorded for the reference's own features rounded to bfloat16 (`bfloat16_identical`,
+`bfloat16_pck_change`): how far predictions move with no encoding at all, from the last rounding of a model
+computed in bfloat16 (FLUX in the real profile). On near-flat maps (random weights) even that moves a few
+percent of predictions by a pixel. The reference is then deleted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify` fails below
 `fidelity.min_identical` or above `fidelity.max_pck_change` (params.yaml; pipeline/cache/verify.py).
 """
 
@@ -16,7 +19,9 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 import zarr
 
 from pipeline.cache import codecs, store
@@ -54,14 +59,20 @@ def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform
     reference_path = Path(f"{out}.fidelity-reference")
     reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path,
                         replace="outdated", only=chosen, check_disk=False)
-    tables = {which: match_store(path, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
-              for which, path in (("stored", out), ("float16", reference))}
-    per_variant = agreement(tables["stored"], tables["float16"])
+    def matched(path):
+        return match_store(path, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
+
+    float16 = matched(reference)
+    per_variant = agreement(matched(out), float16)
+    round_to_bfloat16(reference)
+    floor = agreement(matched(reference), float16).groupby("layer")
     fidelity = {}
     for layer, rows in per_variant.groupby("layer", sort=True):
         # Every variant of a layer predicts the same keypoints: the mean of their rates is the pooled rate.
         fidelity[layer] = {"identical": float(rows["identical"].mean()), "pck_change": float(rows["pck_change"].max()),
-                           "pairs": int(len(sample)), "predictions": int(rows["predictions"].sum())}
+                           "pairs": int(len(sample)), "predictions": int(rows["predictions"].sum()),
+                           "bfloat16_identical": float(floor["identical"].mean()[layer]),
+                           "bfloat16_pck_change": float(floor["pck_change"].max()[layer])}
     root = zarr.open_group(store.local(out), mode="r+", use_consolidated=False)
     root.attrs["fidelity"] = {"storage": params.storage, "images": len(chosen), "layers": fidelity}
     with warnings.catch_warnings():
@@ -69,6 +80,20 @@ def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform
         zarr.consolidate_metadata(root.store)
     shutil.rmtree(reference_path)
     return fidelity
+
+
+def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
+    """float16 values rounded to bfloat16's 8 significant bits, as float16 again."""
+    return torch.from_numpy(values.astype(np.float32)).bfloat16().float().numpy().astype(np.float16)
+
+
+def round_to_bfloat16(path) -> None:
+    """Round a float16 features store's `features` to bfloat16 in place."""
+    root = zarr.open_group(store.local(path), mode="r+", use_consolidated=False)
+    for layer in store.layers(root):
+        features = root[layer]["features"]
+        for index in range(features.shape[0]):
+            features[index] = bfloat16_rounding(features[index])
 
 
 def agreement(stored: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:

@@ -342,5 +342,7 @@ def describe_fidelity(attrs: dict) -> list[str]:
         return []
     lines = [f"fidelity of {found['storage']} against float16 ({found['images']} images; dift, every transform):"]
     lines += [f"  {layer}: {f['identical']:.1%} identical predictions, PCK@0.1 change {f['pck_change']:.2f} points "
-              f"({f['pairs']} pairs)" for layer, f in found["layers"].items()]
+              f"({f['pairs']} pairs)" + (f"; float16 rounded to bfloat16: {f['bfloat16_identical']:.1%}, "
+                                         f"{f['bfloat16_pck_change']:.2f} points" if "bfloat16_identical" in f else "")
+              for layer, f in found["layers"].items()]
     return lines
