@@ -215,3 +215,25 @@ def test_a_lossy_stores_fingerprint_holds_its_codecs_code():
     for storage in ("int8", "pca:64", "float16-shuffle"):
         found = _determinants(BackboneParams(kind="sd3", model="", latents="l", layers=LAYERS, storage=storage), latents)
         assert found["code:pipeline.cache.codecs"] == code_identity(codecs) and found["storage"] == storage
+
+
+def test_pca_chunks_encode_the_same_bytes_alone_or_beside_others():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    chunks = [chunk(rng, cells=(16, 16), channels=128, rank=40) for _ in range(6)]
+    alone = [codecs.pca_encode(values, 24) for values in chunks]
+    with ThreadPoolExecutor(max_workers=6) as pool:  # extraction writes an image's chunks at once
+        for _ in range(3):
+            assert list(pool.map(lambda values: codecs.pca_encode(values, 24), chunks)) == alone
+    # The randomised axes keep (almost) the energy of the exact leading ones: numpy's full SVD of the cells.
+    cells = chunks[0].reshape(-1, 128).astype(np.float64)
+    rest = np.setdiff1d(np.arange(128), codecs.outsized_channels(cells.astype(np.float32)))
+    centred = cells[:, rest] - cells[:, rest].mean(axis=0)
+    import torch
+
+    found = codecs.principal_axes(torch.from_numpy(centred), 24).numpy()
+    exact = np.linalg.svd(centred, full_matrices=False)[2][:24]
+    np.testing.assert_allclose(found @ found.T, np.eye(24), atol=1e-9)
+    kept, best = (np.linalg.norm(centred @ axes.T) ** 2 for axes in (found, exact))
+    assert 0.999 * best < kept <= best * (1 + 1e-9)

@@ -173,11 +173,7 @@ def pca_encode(values: np.ndarray, components: int) -> bytes:
     other = cells[:, rest]
     centre = other.mean(axis=0)
     k = min(components, len(rest), n)
-    # A randomised SVD (Halko et al., as torch.svd_lowrank), seeded so that a chunk always encodes the same.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _, _, v = torch.svd_lowrank(torch.from_numpy(other - centre), q=min(k + 8, len(rest), n), niter=2)
-    basis = v[:, :k].T.numpy().astype(np.float16)
+    basis = principal_axes(torch.from_numpy(other - centre), k).numpy().astype(np.float16)
     scales, levels = _component_quantise((other - centre) @ basis.astype(np.float32).T)
     return b"".join([
         np.array([k, len(exact)], "<i4").tobytes(), exact.astype("<i4").tobytes(), centre.astype("<f4").tobytes(),
@@ -185,6 +181,21 @@ def pca_encode(values: np.ndarray, components: int) -> bytes:
         cells[:, exact].astype("<f2").tobytes(), cells.mean(axis=1).astype("<f4").tobytes(),
         cells.std(axis=1).astype("<f4").tobytes(),
     ])
+
+
+def principal_axes(cells: torch.Tensor, k: int, oversample: int = 8, iterations: int = 2) -> torch.Tensor:
+    """The k leading right singular vectors of centred (N, C) cells as (k, C): a randomised SVD (Halko et al.,
+    as torch.svd_lowrank) whose random projection comes from its own seeded generator, not torch's global
+    one, so that a chunk encodes the same bytes whatever other chunks encode beside it in other threads."""
+    import torch
+
+    q = min(k + oversample, *cells.shape)
+    projection = torch.randn(cells.shape[1], q, generator=torch.Generator().manual_seed(0), dtype=cells.dtype)
+    basis = torch.linalg.qr(cells @ projection).Q
+    for _ in range(iterations):  # power iterations sharpen the spectrum
+        basis = torch.linalg.qr(cells @ (cells.T @ basis)).Q
+    _, _, axes = torch.linalg.svd(basis.T @ cells, full_matrices=False)
+    return axes[:k]
 
 
 def pca_decode(data: bytes, shape) -> np.ndarray:
