@@ -102,3 +102,29 @@ def test_store_without_the_pair_images_is_refused(demo_stores):
     pairs.loc[0, "trg_image"] = "star/not_there"
     with pytest.raises(PipelineError, match=r"image: store has no image 'star/not_there'"):
         match_store(demo_stores["stores"]["vae-sd2"], pairs)
+
+
+@pytest.mark.parametrize("protocol", ["dift", "geoaware"])
+def test_a_query_gets_the_same_answer_alone_or_in_any_batch(demo_stores, protocol):
+    """BLAS sums a row in another order for another batch size: a pair's queries, one clicked point, or a
+    worker's share must still see bit-identical similarities, or near-tied argmaxes move between runs."""
+    import torch
+
+    from pipeline.matching.protocols import match_queries, prepare_target, source_queries
+
+    maps = StoreMaps(demo_stores["stores"]["tiny-sd3"])
+    pair = demo_stores["pairs"].iloc[3]
+    source, target = (maps.load(image, "transformer_blocks.3", 261) for image in (pair.src_image, pair.trg_image))
+    points = np.array([[x, y] for x in range(3, source.width, 11) for y in range(2, source.height, 13)])[:40]
+    queries = source_queries(source, None, points, protocol)
+    prepared = prepare_target(target, protocol)
+    together, _ = match_queries(target, queries, protocol, statistics="none", prepared=prepared)
+    for size in (1, 2, 3, 5, 7):
+        for start in range(0, len(queries), size):
+            alone, _ = match_queries(target, queries[start:start + size], protocol, statistics="none", prepared=prepared)
+            np.testing.assert_array_equal(alone, together[start:start + size])
+    if protocol == "dift":
+        batch = torch.from_numpy(queries)
+        all_dots = prepared.dots(batch)
+        for i in (0, 7, 39):
+            assert torch.equal(prepared.dots(batch[i:i + 1])[0], all_dots[i])  # bit for bit

@@ -250,7 +250,7 @@ class DiftTarget:
         self.map, self.device = target, torch.device(device)
         h, w, c = target.features.shape
         self.h, self.w = h, w
-        self.cells = _tensor(target.features.reshape(-1, c), device, np.float32)
+        self.cells = _tensor(target.features.reshape(-1, c), device, np.float64)  # see `dots`
         rows, cols = target.rows, target.cols
         inverse = (1.0 / np.sqrt(np.maximum(target.norm2(), 1e-24))).astype(np.float32)
         self.inverse = _tensor(inverse, device)
@@ -294,8 +294,10 @@ class DiftTarget:
         return self._statistics_weights
 
     def dots(self, queries: torch.Tensor) -> torch.Tensor:
-        """(N, C) queries -> (N, h, w) dot products with every cell."""
-        return (queries @ self.cells.T).reshape(-1, self.h, self.w)
+        """(N, C) queries -> (N, h, w) float32 dot products with every cell, summed in float64: BLAS sums a
+        row in another order for another batch size (one query alone, or a pair's, or a worker's), and in
+        float32 that moves near-tied argmaxes; float64's last bits never reach the float32 result."""
+        return (queries.double() @ self.cells.T).float().reshape(-1, self.h, self.w)
 
     def argmax(self, dots: torch.Tensor, query_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first (row-major) pixel of maximal cosine for each query: ((N, 2) x, y; (N,) cosine)."""
@@ -368,12 +370,13 @@ class GeoawareTarget:
         self.map = target
         h, w, c = target.features.shape
         self.h, self.w = h, w
-        cells = _tensor(target.features.reshape(-1, c), device, np.float32)
+        cells = _tensor(target.features.reshape(-1, c), device, np.float64)
         self.cells = cells / cells.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def match(self, queries: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(N, 2) predicted points (the best cell's centre, in image pixels) and basic statistics."""
-        cosine = (queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ self.cells.T
+        queries = queries.double()  # as DiftTarget.dots: the same answer whatever the batch
+        cosine = ((queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ self.cells.T).float()
         value, best = cosine.max(1)
         m = self.map
         x = ((best % self.w).double() + 0.5) * m.stride * m.width / m.valid_x1
@@ -416,7 +419,7 @@ def match_queries(target: FeatureMap, queries: np.ndarray, protocol: str = "dift
         batch = _tensor(queries[start:start + QUERY_BATCH], prepared.cells.device, np.float32)
         if protocol == "dift":
             dots = prepared.dots(batch)
-            norms = batch.norm(dim=1).clamp_min(1e-12)
+            norms = batch.double().norm(dim=1).float().clamp_min(1e-12)
             found, value = prepared.argmax(dots, norms)
             stats.append({} if statistics == "none" else {"sim_max": value.double(), **prepared.statistics(dots, norms)})
         else:
