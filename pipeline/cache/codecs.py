@@ -173,8 +173,11 @@ def pca_encode(values: np.ndarray, components: int) -> bytes:
     other = cells[:, rest]
     centre = other.mean(axis=0)
     k = min(components, len(rest), n)
-    basis = principal_axes(torch.from_numpy(other - centre), k).numpy().astype(np.float16)
-    scales, levels = _component_quantise((other - centre) @ basis.astype(np.float32).T)
+    # In float64: LAPACK and BLAS may sum in another order from one call to the next (threads, alignment),
+    # and float64's last bits never reach the float16 basis or the int8 levels, so the bytes stay the same.
+    centred = (other - centre).astype(np.float64)
+    basis = principal_axes(torch.from_numpy(centred), k).numpy().astype(np.float16)
+    scales, levels = _component_quantise(centred @ basis.astype(np.float64).T)
     return b"".join([
         np.array([k, len(exact)], "<i4").tobytes(), exact.astype("<i4").tobytes(), centre.astype("<f4").tobytes(),
         basis.astype("<f2").tobytes(), scales.astype("<f4").tobytes(), levels.tobytes(),
@@ -241,8 +244,8 @@ def quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _component_quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) coefficients -> (K,) scales and int8 levels, per component symmetric."""
-    scales = np.abs(values).max(axis=0) / 127.0
+    """(N, K) coefficients -> (K,) float32 scales and int8 levels, per component symmetric."""
+    scales = (np.abs(values).max(axis=0) / 127.0).astype(np.float32)
     scales[scales == 0] = 1.0
     return scales, np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
 
