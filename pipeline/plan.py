@@ -136,6 +136,9 @@ def make_plan(params: Params, images: int | None = None) -> dict:
     SPair-71k test's ratio: a prepared table may belong to another profile)."""
     import pyarrow.parquet as pq
 
+    from pipeline.models import hub
+
+    hub.quiet()  # models built from configs are cast with `.to(dtype)`, which diffusers warns about each time
     if images is None:
         if not Path(params.data.images).exists():
             raise PipelineError(params.data.images, None, "no prepared images table yet: run `dvc repro prepare`, "

@@ -194,7 +194,10 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
     below = [layer for layer, f in measured.items() if f["identical"] < 1.0]
     assert result.exit_code == (1 if below else 0)
     for layer in below:
-        assert f"(store): fidelity: {layer}: {measured[layer]['identical']:.1%} of predictions identical to float16 < 100%" in result.output
+        found = measured[layer]
+        assert (f"(store): fidelity: {layer}: {found['identical']:.1%} of predictions identical to float16 < 100% "
+                f"(bfloat16 rounding: {found['bfloat16_identical']:.1%}, {found['bfloat16_pck_change']:.2f} points)"
+                in result.output)
     lenient = tmp_path / "lenient.yaml"
     lenient.write_text("fidelity: {min_identical: 0.5, max_pck_change: 50}\n")
     assert runner.invoke(cli, ["verify", "--store", str(path), "--params", str(lenient)]).exit_code == 0

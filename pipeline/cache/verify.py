@@ -110,8 +110,12 @@ def fidelity_problems(attrs: dict, min_identical: float, max_pck_change: float) 
         return [("fidelity", f"{attrs['storage']} store without fidelity figures (extraction did not finish measuring)")]
     bad = []
     for layer, figures in found["layers"].items():
+        # For scale: what rounding the same float16 features to bfloat16 kept (stores measured since it exists).
+        scale = (f" (bfloat16 rounding: {figures['bfloat16_identical']:.1%}, {figures['bfloat16_pck_change']:.2f} points)"
+                 if "bfloat16_identical" in figures else "")
         if figures["identical"] < min_identical:
-            bad.append((layer, f"{figures['identical']:.1%} of predictions identical to float16 < {min_identical:.0%}"))
+            bad.append((layer, f"{figures['identical']:.1%} of predictions identical to float16 < {min_identical:.0%}"
+                               + scale))
         if figures["pck_change"] > max_pck_change:
-            bad.append((layer, f"PCK@0.1 changes by {figures['pck_change']:.2f} points > {max_pck_change}"))
+            bad.append((layer, f"PCK@0.1 changes by {figures['pck_change']:.2f} points > {max_pck_change}" + scale))
     return bad
