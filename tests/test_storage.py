@@ -240,3 +240,13 @@ def test_pca_chunks_encode_the_same_bytes_alone_or_beside_others():
     np.testing.assert_allclose(found @ found.T, np.eye(24), atol=1e-9)
     kept, best = (np.linalg.norm(centred @ axes.T) ** 2 for axes in (found, exact))
     assert 0.999 * best < kept <= best * (1 + 1e-9)
+
+
+def test_bfloat16_rounding_keeps_eight_significant_bits_within_float16s_range():
+    from pipeline.cache.fidelity import bfloat16_rounding
+
+    x = np.array([1 + 2**-8, 1 + 2**-7, 1 + 3 * 2**-8, 300.5, 65504, -65504, 2**-20], np.float16)
+    # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1); 1 + 3 x 2^-8 ties to 1 + 2^-6; 300.5 -> 300;
+    # 65504 would round up to 65536 (inf as float16): kept at float16's largest.
+    expected = np.array([1, 1 + 2**-7, 1 + 2**-6, 300, 65504, -65504, 2**-20], np.float16)
+    assert np.array_equal(bfloat16_rounding(x), expected)

@@ -8,8 +8,9 @@ the largest change of PCK@0.1 (bbox, in points) over the layer's timesteps and t
 same two figures are recorded for the reference's own features rounded to bfloat16 (`bfloat16_identical`,
 `bfloat16_pck_change`): how far predictions move with no encoding at all, from the last rounding of a model
 computed in bfloat16 (FLUX in the real profile). On near-flat maps (random weights) even that moves a few
-percent of predictions by a pixel. The reference is then deleted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify` fails below
-`fidelity.min_identical` or above `fidelity.max_pck_change` (params.yaml; pipeline/cache/verify.py).
+percent of predictions by a pixel. The reference is then deleted. `cli.py info` prints the figures
+(pipeline/cache/store.py); `cli.py verify` fails below `fidelity.min_identical` or above
+`fidelity.max_pck_change` (params.yaml; pipeline/cache/verify.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform
     reference_path = Path(f"{out}.fidelity-reference")
     reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path,
                         replace="outdated", only=chosen, check_disk=False)
+
     def matched(path):
         return match_store(path, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
 
@@ -83,8 +85,10 @@ def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform
 
 
 def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
-    """float16 values rounded to bfloat16's 8 significant bits, as float16 again."""
-    return torch.from_numpy(values.astype(np.float32)).bfloat16().float().numpy().astype(np.float16)
+    """float16 values rounded to bfloat16's 8 significant bits, as float16 again (within float16's range:
+    65504 rounds up to 65536 in bfloat16)."""
+    rounded = torch.from_numpy(values.astype(np.float32)).bfloat16().float().numpy()
+    return np.clip(rounded, -65504, 65504).astype(np.float16)
 
 
 def round_to_bfloat16(path) -> None:
