@@ -335,6 +335,11 @@ def describe(path: str | Path) -> str:
     return "\n".join(lines)
 
 
+def bfloat16_scale(figures: dict) -> str:
+    """A layer's fidelity scale: what rounding its float16 reference to bfloat16 kept (pipeline/cache/fidelity.py)."""
+    return f"bfloat16 rounding: {figures['bfloat16_identical']:.1%}, {figures['bfloat16_pck_change']:.2f} points"
+
+
 def describe_fidelity(attrs: dict) -> list[str]:
     """A lossy store's own fidelity figures (pipeline/cache/fidelity.py), for `describe`."""
     found = attrs.get("fidelity")
@@ -342,7 +347,6 @@ def describe_fidelity(attrs: dict) -> list[str]:
         return []
     lines = [f"fidelity of {found['storage']} against float16 ({found['images']} images; dift, every transform):"]
     lines += [f"  {layer}: {f['identical']:.1%} identical predictions, PCK@0.1 change {f['pck_change']:.2f} points "
-              f"({f['pairs']} pairs)" + (f"; float16 rounded to bfloat16: {f['bfloat16_identical']:.1%}, "
-                                         f"{f['bfloat16_pck_change']:.2f} points" if "bfloat16_identical" in f else "")
+              f"({f['pairs']} pairs)" + (f"; {bfloat16_scale(f)}" if "bfloat16_identical" in f else "")
               for layer, f in found["layers"].items()]
     return lines

@@ -111,8 +111,7 @@ def fidelity_problems(attrs: dict, min_identical: float, max_pck_change: float) 
     bad = []
     for layer, figures in found["layers"].items():
         # For scale: what rounding the same float16 features to bfloat16 kept (stores measured since it exists).
-        scale = (f" (bfloat16 rounding: {figures['bfloat16_identical']:.1%}, {figures['bfloat16_pck_change']:.2f} points)"
-                 if "bfloat16_identical" in figures else "")
+        scale = f" ({store.bfloat16_scale(figures)})" if "bfloat16_identical" in figures else ""
         if figures["identical"] < min_identical:
             bad.append((layer, f"{figures['identical']:.1%} of predictions identical to float16 < {min_identical:.0%}"
                                + scale))
