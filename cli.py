@@ -187,16 +187,14 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
 def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file, check_disk):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
     from pipeline.cache import fidelity
-    from pipeline.cache.extract import extract as run_extract
 
     params = _settings(params_file)
-    spec = params.backbone(backbone)
     out = out or params.store_path(backbone)
     with _cluster(params, scheduler, workers) as client:
-        run_extract(spec, backbone, params.latents_path(spec.latents), out, "any" if overwrite else "never", client,
-                    on_error or params.on_error,
-                    params.check_disk if check_disk is None else check_disk)
-    if fidelity.after_extraction(params, backbone, out):
+        measured = fidelity.extract_measured(params, backbone, out, "any" if overwrite else "never", client,
+                                             on_error or params.on_error,
+                                             params.check_disk if check_disk is None else check_disk)
+    if measured:
         from pipeline.cache import store
 
         click.echo("\n".join(store.describe_fidelity(dict(store.open_existing(out).attrs))))

@@ -97,6 +97,7 @@ class BackboneParams:
     # How `features` arrays are kept (pipeline/cache/codecs.py): float16 | float16-shuffle (lossless) |
     # int8 | pca:K (lossy, fidelity measured by the store).
     storage: Storage = "float16"
+    fit_images: Count = 32  # pca:K: images (seeded) whose features fit each layer's K axes before extraction
 
 
 @dataclass(frozen=True)

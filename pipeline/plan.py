@@ -29,7 +29,7 @@ import torch
 from pipeline.cache.sizes import (ACTIVATION_FACTOR, MetaRun, _dtype, _LargestOutput, check_disk, disk_free,  # noqa: F401
                                   human, latents_bytes_per_image, meta_run, parameters, stored_bytes,
                                   text_components)
-from pipeline.cache.codecs import STORAGE_CHOICES, check_storage
+from pipeline.cache.codecs import STORAGE_CHOICES, check_storage, is_lossy, parse_storage
 from pipeline.models.backbones import OFFLOAD
 from pipeline.config import BackboneParams, EncoderParams, Params
 from pipeline.errors import PipelineError
@@ -175,8 +175,12 @@ def make_plan(params: Params, images: int | None = None) -> dict:
         gpu.append({"stage": f"extract@{name}", "device": backbone.device,
                     "bytes": max(run.text_parameters * width, denoiser),
                     "text_encoders": run.text_parameters * width, "denoiser": denoiser})
+        # A lossy store also runs its fit sample (pca:K) and its fidelity sample (again as float16).
+        kind = parse_storage(backbone.storage)[0]
+        runs = images + (min(images, backbone.fit_images) if kind == "pca" else 0) + \
+            (min(images, params.fidelity.images) if is_lossy(backbone.storage) else 0)
         seconds.append(_seconds(f"extract@{name}", backbone.device, backbone.kind,
-                                run.flops * backbone.ensemble * len(backbone.timesteps) * images))
+                                run.flops * backbone.ensemble * len(backbone.timesteps) * runs))
     for name, backbone in params.backbones.items():
         variants = len(backbone.layers) * len(backbone.timesteps) * len(params.match.transforms_for(name))
         rates = [match_seconds(protocol, params.match.statistics, params.match.device) for protocol in params.match.protocols]

@@ -5,19 +5,16 @@ import sys
 from pipeline import cluster
 from pipeline.cache import fidelity
 from pipeline.config import load_params
-from pipeline.cache.extract import extract
 from stages import run
 
 
 def main(name: str) -> None:
     params = load_params()
-    backbone = params.backbone(name)
     # Under DVC, a changed dependency means "rebuild": a store built with other parameters, model or code
     # is replaced (and the stage says so); one with the same fingerprint resumes; an unreadable one is left.
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
-        extract(backbone, name, params.latents_path(backbone.latents), params.store_path(name), replace="outdated",
-                client=client, on_error=params.on_error, check_disk=params.check_disk)
-    fidelity.after_extraction(params, name, params.store_path(name))
+        fidelity.extract_measured(params, name, params.store_path(name), replace="outdated", client=client,
+                                  on_error=params.on_error, check_disk=params.check_disk)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,23 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
   before compression. A value's error is at most half a step, 1/254 of its cell's range in its channel's
   units, so massive channels keep their own range and neither small channels nor small cells are
   rounded away.
-- `pca:K`: per chunk, the K principal components of its cells (`dift_cache.cell_pca`): the basis (float16)
-  and each cell's K coefficients (int8, a scale per component), with what the feature transforms need kept
-  exactly: the channels of outsized magnitude (massive activations of diffusion transformers, up to
-  EXACT_CHANNELS, float16) and each cell's mean and standard deviation over its channels (float32; on
-  decoding the other channels are shifted and scaled to give them back), so LayerNorm, AdaLN and
-  `drop:auto` see what they would see in the float16 store. Self-contained chunks: no basis outside them,
-  nothing to fit before extraction starts, any chunk decodes alone.
+- `pca:K`: each cell's coordinates on K axes fitted per layer, before extraction, on a sample of images
+  (`LayerMoments`, `Basis`: in the array's codec configuration, `dift_cache.layer_pca`), as int16 with a
+  scale per component, with what the feature transforms need kept exactly: the channels of outsized
+  magnitude (massive activations of diffusion transformers, up to EXACT_CHANNELS, float16) and the mean
+  and standard deviation of each cell's other channels (float32; decoding shifts and scales them back), so
+  each cell's statistics over all channels are exact and LayerNorm, AdaLN and `drop:auto` see what they
+  would see in the float16 store. Every image shares its layer's axes, so a decoded cell is the orthogonal projection of the
+  original onto one subspace, and the cosine of two decoded cells differs from theirs only by the product
+  of their two residuals: second order in what the axes leave out, where int8's rounding errs to first
+  order (README, "Storage", for the measurements).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -108,39 +113,71 @@ class ChannelInt8(ArrayBytesCodec):
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
 
+@dataclass(frozen=True, eq=False)
+class Basis:
+    """A layer's fitted `pca:K` basis: its exact (outsized) channels and K float16 axes over the others."""
+
+    exact: tuple[int, ...]
+    axes: np.ndarray  # (K, C - len(exact)) float16
+
+    def others(self, channels: int) -> np.ndarray:
+        """A mask of the channels the axes cover (all but the exact ones)."""
+        mask = np.ones(channels, bool)
+        mask[list(self.exact)] = False
+        return mask
+
+    @functools.cached_property
+    def projection(self) -> np.ndarray:
+        """(C - M, K) float64: least-squares coefficients on the stored float16 axes, so that decoding is the
+        orthogonal projection onto their span even though rounding left them not quite orthonormal."""
+        axes = self.axes.astype(np.float64)
+        return axes.T @ np.linalg.inv(axes @ axes.T)
+
+    @functools.cached_property
+    def projection32(self) -> np.ndarray:
+        return self.projection.astype(np.float32)
+
+
 @dataclass(frozen=True)
-class CellPCA(ArrayBytesCodec):
-    """float chunk (..., C) <-> its cells' K principal components, with exact outsized channels and exact
-    per-cell mean and standard deviation. Layout (little-endian): int32 K, M; int32 exact channel ids (M);
-    float32 centre (C - M); float16 basis (K, C - M); float32 coefficient scales (K); int8 coefficients
-    (N, K); float16 exact channels (N, M); float32 cell means (N); float32 cell standard deviations (N)."""
+class LayerPCA(ArrayBytesCodec):
+    """float chunk (..., C) <-> each cell's coefficients on the layer's fitted axes (`Basis`, kept in the
+    codec's configuration), with exact outsized channels and exact per-cell mean and standard deviation.
+    Chunk layout (little-endian): float32 coefficient scales (K); int16 coefficients (N, K); float16 exact
+    channels (N, M); float32 means (N) and standard deviations (N) of each cell's other channels."""
 
-    components: int
-    name = "dift_cache.cell_pca"
-    is_fixed_size = False
-
-    def __init__(self, *, components: int):
-        object.__setattr__(self, "components", int(components))
+    basis: Basis
+    name = "dift_cache.layer_pca"
+    is_fixed_size = True
 
     @classmethod
     def from_dict(cls, data):
         _, configuration = parse_named_configuration(data, cls.name)
-        return cls(**configuration)
+        return cls(_basis(tuple(int(c) for c in configuration["exact"]), configuration["axes"],
+                          int(configuration["components"])))
 
     def to_dict(self):
-        return {"name": self.name, "configuration": {"components": self.components}}
+        axes = np.ascontiguousarray(self.basis.axes, "<f2")
+        return {"name": self.name, "configuration": {"components": int(axes.shape[0]), "exact": list(self.basis.exact),
+                                                     "axes": base64.b64encode(axes.tobytes()).decode("ascii")}}
+
+    def __hash__(self):
+        return hash((self.basis.exact, self.basis.axes.tobytes()))
+
+    def __eq__(self, other):
+        return isinstance(other, LayerPCA) and self.to_dict() == other.to_dict()
 
     def evolve_from_array_spec(self, array_spec):
         return self
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec) -> int:
-        raise NotImplementedError  # variable: as many exact channels as the chunk has outsized ones
+        c = chunk_spec.shape[-1]
+        return layer_pca_bytes(int(np.prod(chunk_spec.shape)) // c, len(self.basis.axes), len(self.basis.exact))
 
     def _encode_sync(self, chunk_array, chunk_spec):
-        return chunk_spec.prototype.buffer.from_bytes(pca_encode(np.asarray(chunk_array.as_numpy_array()), self.components))
+        return chunk_spec.prototype.buffer.from_bytes(pca_encode(np.asarray(chunk_array.as_numpy_array()), self.basis))
 
     def _decode_sync(self, chunk_bytes, chunk_spec):
-        values = pca_decode(chunk_bytes.to_bytes(), chunk_spec.shape).astype(chunk_spec.dtype.to_native_dtype())
+        values = pca_decode(chunk_bytes.to_bytes(), chunk_spec.shape, self.basis).astype(chunk_spec.dtype.to_native_dtype())
         return chunk_spec.prototype.nd_buffer.from_numpy_array(values)
 
     async def _encode_single(self, chunk_array, chunk_spec):
@@ -150,80 +187,107 @@ class CellPCA(ArrayBytesCodec):
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
 
-for _codec in (ChannelInt8, CellPCA):
+@functools.lru_cache(maxsize=256)
+def _basis(exact: tuple[int, ...], axes: str, components: int) -> Basis:
+    """One `Basis` (and its projection, computed once) per layer's configuration: Zarr parses an array's
+    codecs again for every chunk it writes."""
+    return Basis(exact, np.frombuffer(base64.b64decode(axes), "<f2").reshape(components, -1))
+
+
+for _codec in (ChannelInt8, LayerPCA):
     zarr.registry.register_codec(_codec.name, _codec)
 
 
-def outsized_channels(cells: np.ndarray) -> np.ndarray:
-    """Channels whose median |x| over the cells is EXACT_RATIO x the channels' median, at most EXACT_CHANNELS
-    (the largest), sorted."""
-    magnitudes = np.median(np.abs(cells), axis=0)
+class LayerMoments:
+    """What fitting a layer's `Basis` needs from a sample of images, gathered chunk by chunk (image,
+    timestep): each chunk's median |x| per channel over its cells, and the channels' second moments, summed
+    in float64."""
+
+    def __init__(self):
+        self.medians: list[np.ndarray] = []
+        self.products: np.ndarray | None = None
+        self.cells = 0
+
+    def add(self, values: np.ndarray) -> None:
+        """One image's (..., C) float16 values, as the store would encode them."""
+        cells = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        self.medians.append(np.median(np.abs(cells), axis=0))
+        products = cells.T @ cells
+        self.products = products if self.products is None else self.products + products
+        self.cells += len(cells)
+
+    def fit(self, components: int) -> Basis:
+        """The exact channels (as `outsized_channels`, on the median over images of the per-image medians) and
+        the K leading eigenvectors of the other channels' second moments once each cell's mean is removed:
+        the K-dimensional subspace that keeps most of what the encoding leaves after the mean (uncentred PCA,
+        so the decoded cell is an orthogonal projection, and cosines between two decoded cells err only by
+        the product of their two residuals). Where K exceeds the cells' rank (the demo's tiny models) the
+        extra axes are whatever `eigh` returns: the same on one machine, maybe not on another build."""
+        exact = outsized_channels(np.median(np.stack(self.medians), axis=0))
+        rest = np.setdiff1d(np.arange(len(self.products)), exact)
+        n = len(rest)
+        centring = np.eye(n) - 1.0 / n  # v = u - mean(u) for every cell: sum v v^T = Z (sum u u^T) Z
+        moments = centring @ self.products[np.ix_(rest, rest)] @ centring
+        _, vectors = np.linalg.eigh(moments)
+        axes = vectors[:, ::-1][:, :min(components, n)].T
+        signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])  # eigh leaves signs arbitrary
+        return Basis(tuple(int(c) for c in exact), (axes * signs[:, None]).astype(np.float16))
+
+
+def outsized_channels(magnitudes: np.ndarray) -> np.ndarray:
+    """Channels whose median |x| is EXACT_RATIO x the channels' median, at most EXACT_CHANNELS (the largest),
+    sorted: a lower bar and a higher cap than `drop:auto`'s (pipeline/matching/transforms.py), so in practice
+    the channels it zeroes are among them."""
     ratio = magnitudes / max(float(np.median(magnitudes)), 1e-12)
     candidates = np.flatnonzero(ratio > EXACT_RATIO)
     return np.sort(candidates[np.argsort(-ratio[candidates], kind="stable")][:EXACT_CHANNELS])
 
 
-def pca_encode(values: np.ndarray, components: int) -> bytes:
-    import torch
-
-    cells = values.reshape(-1, values.shape[-1]).astype(np.float32)
-    n, c = cells.shape
-    exact = outsized_channels(cells)
-    rest = np.setdiff1d(np.arange(c), exact)
-    other = cells[:, rest]
-    centre = other.mean(axis=0)
-    k = min(components, len(rest), n)
-    # In float64: LAPACK and BLAS may sum in another order from one call to the next (threads, alignment),
-    # and float64's last bits never reach the float16 basis or the int8 levels, so the bytes stay the same.
-    centred = (other - centre).astype(np.float64)
-    basis = principal_axes(torch.from_numpy(centred), k).numpy().astype(np.float16)
-    scales, levels = _component_quantise(centred @ basis.astype(np.float64).T)
-    return b"".join([
-        np.array([k, len(exact)], "<i4").tobytes(), exact.astype("<i4").tobytes(), centre.astype("<f4").tobytes(),
-        basis.astype("<f2").tobytes(), scales.astype("<f4").tobytes(), levels.tobytes(),
-        cells[:, exact].astype("<f2").tobytes(), cells.mean(axis=1).astype("<f4").tobytes(),
-        cells.std(axis=1).astype("<f4").tobytes(),
-    ])
+def layer_pca_bytes(cells: int, components: int, exact: int) -> int:
+    return 4 * components + 2 * cells * components + 2 * cells * exact + 8 * cells
 
 
-def principal_axes(cells: torch.Tensor, k: int, oversample: int = 8, iterations: int = 2) -> torch.Tensor:
-    """The k leading right singular vectors of centred (N, C) cells as (k, C): a randomised SVD (Halko et al.,
-    as torch.svd_lowrank) whose random projection comes from its own seeded generator, not torch's global
-    one, so that a chunk encodes the same bytes whatever other chunks encode beside it in other threads."""
-    import torch
+def pca_encode(values: np.ndarray, basis: Basis) -> bytes:
+    cells = values.reshape(-1, values.shape[-1])
+    other = (cells[:, basis.others(cells.shape[1])] if basis.exact else cells).astype(np.float32)
+    # float32 products (float16 values, int16 levels: ~1/65,000 of a component's range, far above float32's
+    # rounding); BLAS splits a product's rows and columns among threads, never a sum, so the bytes are the
+    # same whatever the threads. Each cell's mean over the other channels is taken out of its coefficients
+    # (the axes are orthogonal to it up to their float16 rounding). The statistics are summed in float64.
+    means = other.mean(axis=1, dtype=np.float64)
+    coefficients = other @ basis.projection32 - np.outer(means, basis.projection32.sum(axis=0, dtype=np.float64))
+    scales = (np.abs(coefficients).max(axis=0) / 32767.0).astype(np.float32)
+    scales[scales == 0] = 1.0
+    levels = np.clip(np.rint(coefficients / scales), -32767, 32767).astype("<i2")
+    squares = np.einsum("ij,ij->i", other, other, dtype=np.float64) / other.shape[1]
+    stds = np.sqrt(np.maximum(squares - means**2, 0.0))
+    return b"".join([scales.astype("<f4").tobytes(), levels.tobytes(), cells[:, list(basis.exact)].astype("<f2").tobytes(),
+                     means.astype("<f4").tobytes(), stds.astype("<f4").tobytes()])
 
-    q = min(k + oversample, *cells.shape)
-    projection = torch.randn(cells.shape[1], q, generator=torch.Generator().manual_seed(0), dtype=cells.dtype)
-    basis = torch.linalg.qr(cells @ projection).Q
-    for _ in range(iterations):  # power iterations sharpen the spectrum
-        basis = torch.linalg.qr(cells @ (cells.T @ basis)).Q
-    _, _, axes = torch.linalg.svd(basis.T @ cells, full_matrices=False)
-    return axes[:k]
 
-
-def pca_decode(data: bytes, shape) -> np.ndarray:
+def pca_decode(data: bytes, shape, basis: Basis) -> np.ndarray:
     c = int(shape[-1])
     n = int(np.prod(shape)) // c
-    k, m = np.frombuffer(data, "<i4", 2)
-    sizes = [("<i4", m), ("<f4", c - m), ("<f2", k * (c - m)), ("<f4", k), ("i1", n * k), ("<f2", n * m), ("<f4", n), ("<f4", n)]
-    parts, offset = [], 8
-    for dtype, count in sizes:
+    k, m = len(basis.axes), len(basis.exact)
+    parts, offset = [], 0
+    for dtype, count in [("<f4", k), ("<i2", n * k), ("<f2", n * m), ("<f4", n), ("<f4", n)]:
         parts.append(np.frombuffer(data, dtype, count, offset))
         offset += np.dtype(dtype).itemsize * count
-    exact, centre, basis, scales, levels, kept, means, stds = parts
-    other = (levels.reshape(n, k) * scales) @ basis.reshape(k, c - m).astype(np.float32) + centre
-    # Shift and scale the reconstructed channels so that each cell's mean and std over all C are exact.
+    scales, levels, kept, means, stds = parts
+    other = (levels.reshape(n, k) * scales) @ basis.axes.astype(np.float32)
+    # Shift and scale the reconstructed channels to their exact mean and std: with the exact channels kept
+    # as they are, each cell's mean and std over all C (LayerNorm's) are exact too.
+    centre = other.mean(axis=1)
+    spread = np.sqrt(np.maximum(np.einsum("ij,ij->i", other, other) / (c - m) - centre**2, 0.0))
+    other -= centre[:, None]
+    other *= (stds / np.maximum(spread, 1e-30))[:, None]
+    other += means[:, None]
     kept = kept.reshape(n, m).astype(np.float32)
-    rest = c - m
-    total = c * means - kept.sum(axis=1)
-    squares = c * (stds**2 + means**2) - (kept**2).sum(axis=1)
-    offset_ = total / rest
-    spread = other.var(axis=1) * rest
-    gain = np.sqrt(np.maximum(squares - rest * offset_**2, 0.0) / np.maximum(spread, 1e-30))
-    other = (other - other.mean(axis=1, keepdims=True)) * gain[:, None] + offset_[:, None]
+    if not m:
+        return other.reshape(shape)
     cells = np.empty((n, c), np.float32)
-    cells[:, np.setdiff1d(np.arange(c), exact)] = other
-    cells[:, exact] = kept
+    cells[:, basis.others(c)] = other
+    cells[:, list(basis.exact)] = kept
     return cells.reshape(shape)
 
 
@@ -243,13 +307,6 @@ def quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return channel, cell, levels
 
 
-def _component_quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) coefficients -> (K,) float32 scales and int8 levels, per component symmetric."""
-    scales = (np.abs(values).max(axis=0) / 127.0).astype(np.float32)
-    scales[scales == 0] = 1.0
-    return scales, np.clip(np.rint(values / scales), -127, 127).astype(np.int8)
-
-
 # A pixels encoder's canvas is v / 127.5 - 1 for bytes v, computed in float64 and rounded to float32
 # (pipeline/cache/encode.py): these filters keep it, and its std of 0, as uint8, and decode (in float64, then
 # float32) exactly the same float32 values: a quarter of the bytes, lossless.
@@ -259,9 +316,10 @@ UINT8_LOSSLESS = {"canvas": FixedScaleOffset(offset=-1.0, scale=127.5, dtype="<f
                   "zero": FixedScaleOffset(offset=0.0, scale=1.0, dtype="<f4", astype="|u1")}
 
 
-def codecs(storage: str) -> dict:
+def codecs(storage: str, basis: Basis | None = None) -> dict:
     """`create_array` keywords (filters, serializer, compressors) for an array kept as `storage`: a
-    features array's choice, or a pixels store's `canvas` or `zero` (UINT8_LOSSLESS)."""
+    features array's choice (`pca:K` with its layer's fitted `basis`), or a pixels store's `canvas` or
+    `zero` (UINT8_LOSSLESS)."""
     if storage in UINT8_LOSSLESS:
         return {"filters": UINT8_LOSSLESS[storage], "compressors": ZstdCodec(level=3)}
     kind, components = parse_storage(storage)
@@ -270,20 +328,21 @@ def codecs(storage: str) -> dict:
     if kind == "int8":
         return {"serializer": ChannelInt8(), "compressors": ZstdCodec(level=3)}
     if kind == "pca":
-        return {"serializer": CellPCA(components=components), "compressors": ZstdCodec(level=3)}
+        if basis is None or len(basis.axes) != min(components, basis.axes.shape[1]):
+            raise ValueError(f"{storage} needs its layer's fitted basis of {components} axes")
+        return {"serializer": LayerPCA(basis), "compressors": ZstdCodec(level=3)}
     return {"compressors": ZstdCodec(level=3)}
 
 
 def chunk_bytes(storage: str, shape) -> int:
-    """Bytes of one chunk of `shape` (..., C) as `storage` keeps it, before compression (pca: with
-    EXACT_CHANNELS exact channels, the most it keeps)."""
+    """Bytes of one chunk of `shape` (..., C) as `storage` keeps it, before compression (pca: the most it
+    keeps, whatever number of exact channels up to EXACT_CHANNELS the fit finds)."""
     kind, components = parse_storage(storage)
     c = int(shape[-1])
     n = int(np.prod(shape)) // c
     if kind == "int8":
         return n * c + 4 * c + 4 * n
     if kind == "pca":
-        m = min(EXACT_CHANNELS, c)
-        k = min(components, c - m, n)
-        return 8 + 4 * m + 4 * (c - m) + 2 * k * (c - m) + 4 * k + n * k + 2 * n * m + 8 * n
+        kept = min(components + EXACT_CHANNELS, c)  # coefficients and exact channels: K + M <= C
+        return 4 * min(components, c) + 2 * n * kept + 8 * n
     return 2 * n * c

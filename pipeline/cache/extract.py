@@ -57,7 +57,9 @@ _backbones: dict[str, object] = {}
 
 def _backbone(params: BackboneParams, latents_attrs: dict, categories: list[str]):
     """The loaded backbone, once per process: a dask worker keeps its model between shards."""
-    key = json.dumps([asdict(params), model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
+    # How a store keeps features does not change the model: a lossy store and its float16 reference share it.
+    model = {k: v for k, v in asdict(params).items() if k not in ("storage", "fit_images")}
+    key = json.dumps([model, model_identity(params.model), latents_attrs["fingerprint"]], sort_keys=True)
     if key not in _backbones:
         _backbones.clear()  # one model per process at a time
         device = hub.resolve_device(cluster.worker_device(params.device))
@@ -75,14 +77,15 @@ def _backbone_loads(params: BackboneParams, latents_attrs: dict, categories: lis
 
 def extract(params: BackboneParams, name: str, latents_path: str | Path, out: str | Path,
             replace: str = "never", client=None, on_error: str = "fail", check_disk: bool = True,
-            only: list[str] | None = None) -> Path:
+            only: list[str] | None = None, first: list[str] | None = None) -> Path:
     """Fill the features store `out`; resumes where an interrupted run stopped.
 
     With a dask `client` (pipeline.cluster.connect), images are sharded across its workers, each
     writing its own images' chunks of the same store. `on_error: skip` records a failing image's
     reason in the store and goes on; `fail` stops at the first. Before any work, the images still to do
     must fit on the store's disk (`check_disk`; see pipeline/cache/sizes.py). `only`: these images of the
-    latents store, not all (pipeline/cache/fidelity.py's float16 reference).
+    latents store, not all (pipeline/cache/fidelity.py's float16 reference). `first`: extract only these of
+    the store's images in this call, leaving the others to the next (pipeline/cache/fidelity.py's sample).
     """
     _check(params)
     codecs.check_storage(params.storage, name)
@@ -114,7 +117,13 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     }
     with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
+        if codecs.parse_storage(params.storage)[0] == "pca" and not all(layer in root for layer in params.layers):
+            fit = (params, str(latents_path), str(out), fit_sample(len(images), params.fit_images, params.seed))
+            _fit_axes(*fit) if client is None else client.submit(_fit_axes, *fit, pure=False).result()
         pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
+        if first is not None:
+            keys = root["image"][:]
+            pending = [i for i in pending if keys[i] in set(first)]
         job = (params, str(latents_path), str(out), on_error)
         skipped = []
         with tqdm(total=len(images), initial=len(images) - len(pending), unit="img", desc=f"extract {name}") as bar:
@@ -146,6 +155,8 @@ def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
         determinants.pop("storage")  # the default: stores extracted before the knob existed keep their fingerprint
     else:  # the codec's code decides the stored values too
         determinants.update(code_identities([codecs]))
+    if codecs.parse_storage(params.storage)[0] != "pca":
+        determinants.pop("fit_images")
     return determinants
 
 
@@ -175,58 +186,107 @@ def _extract_distributed(client, job, root, pending: list[int], bar) -> list[tup
     return skipped
 
 
+class _Images:
+    """A worker's view of one extraction: the backbone, the latents and the open store `out`, and each of
+    the store's images' arrays (pipeline/cache/features.py) by its row in the store."""
+
+    def __init__(self, params: BackboneParams, latents_path: str, out: str):
+        self.params, self.latents_path, self.out = params, latents_path, out
+        latents = zarr.open_group(latents_path, mode="r")
+        self.latents_attrs = dict(latents.attrs)
+        self.images = store.read_images(latents)
+        self.backbone = _backbone(params, self.latents_attrs, sorted(self.images["category"].unique()))
+        self.root = zarr.open_group(out, mode="r+", use_consolidated=False)
+        self.mean, self.std = latents["posterior/mean"], latents["posterior/std"]
+        # The store may hold some of the latents store's images (`only`): its rows are found by image key.
+        in_latents = {image: i for i, image in enumerate(self.images["image"])}
+        self.sources = [in_latents[key] for key in self.root["image"][:]]
+        self.arrays: list[tuple[str, zarr.Array, str]] | None = None
+
+    def key(self, index: int) -> str:
+        return self.images["image"].iloc[self.sources[index]]
+
+    def maps(self, index: int) -> dict:
+        source = self.sources[index]
+        image, category = self.images["image"].iloc[source], self.images["category"].iloc[source]
+        if not self.images["done"].iloc[source]:
+            raise PipelineError(self.latents_path, image, f"not encoded ({self.images['error'].iloc[source] or 'pending'})")
+        mean = torch.from_numpy(self.mean[source]).permute(2, 0, 1)
+        std = torch.from_numpy(self.std[source]).permute(2, 0, 1)
+        return image_maps(self.params, self.backbone, image, category, mean, std, self.out)
+
+    def lay_out(self, maps: dict, bases: dict | None = None) -> list[tuple[str, zarr.Array, str]]:
+        """(layer, array, its name) of every per-image array, the layers created on first use (`pca:K` with
+        their fitted axes); opened once, so that a codec's setup is not redone for every image."""
+        if self.arrays is not None:
+            return self.arrays
+        canvas = self.latents_attrs["canvas"]
+        opened = []
+        for layer in self.params.layers:
+            features = maps[(layer, "features")]  # (timestep, y, x, channel)
+            _, h, w, c = features.shape
+            stride = canvas / h
+            timesteps = len(self.params.timesteps)
+            arrays = {"features": (("timestep", "y", "x", "channel"), features.shape),
+                      "overflow": (("timestep",), (timesteps,), "int64")}
+            if (layer, "shift") in maps:
+                arrays |= {"shift": (("timestep", "channel"), (timesteps, c)), "scale": (("timestep", "channel"), (timesteps, c))}
+            node = store.ensure_layer(
+                self.root, layer, arrays,
+                {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
+                {**self.backbone.layer_attrs(layer), "stride": stride}, storage={"features": self.params.storage},
+                basis=(bases or {}).get(layer),
+            )
+            opened += [(layer, node[array], array) for array in arrays]
+        self.arrays = opened
+        return opened
+
+
+def fit_sample(images: int, count: int, seed: int) -> list[int]:
+    """`pca:K`: the store rows whose features fit the layers' axes: `count` of them, seeded, sorted."""
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(images)[:count])
+
+
+def _fit_axes(params: BackboneParams, latents_path: str, out: str, indices: list[int]) -> None:
+    """`pca:K`: fit each layer's axes on the features of images `indices` (computed, not stored), and lay
+    out the store's layers with them. Images that fail are left out of the fit (extraction reports them)."""
+    worker = _Images(params, latents_path, out)
+    moments = {layer: codecs.LayerMoments() for layer in params.layers}
+    fitted, maps = [], None
+    for index in tqdm(indices, unit="img", desc=f"fit {params.storage} axes"):
+        try:
+            maps = worker.maps(index)
+        except PipelineError:
+            continue
+        for layer, layer_moments in moments.items():
+            for values in maps[(layer, "features")]:  # per timestep: one basis serves them all
+                layer_moments.add(values)
+        fitted.append(worker.key(index))
+    if maps is None or not fitted:
+        raise PipelineError(out, "fit_images", f"none of the {len(indices)} images sampled to fit {params.storage} could be extracted")
+    _, components = codecs.parse_storage(params.storage)
+    worker.root.attrs["fit_images"] = fitted  # before the layers: a run killed in between fits again
+    worker.lay_out(maps, {layer: layer_moments.fit(components) for layer, layer_moments in moments.items()})
+
+
 def _extract_images(params: BackboneParams, latents_path: str, out: str, on_error: str, indices: list[int],
                     progress=None) -> list[tuple[str, str]]:
     """Extract images `indices` into the open store `out`; the (image, reason) pairs skipped."""
-    latents = zarr.open_group(latents_path, mode="r")
-    latents_attrs = dict(latents.attrs)
-    images = store.read_images(latents)
-    backbone = _backbone(params, latents_attrs, sorted(images["category"].unique()))
-    root = zarr.open_group(out, mode="r+", use_consolidated=False)
-    mean_array, std_array = latents["posterior/mean"], latents["posterior/std"]
-    # The store may hold some of the latents store's images (`only`): its rows are found by image key.
-    in_latents = {image: i for i, image in enumerate(images["image"])}
-    keys = root["image"][:]
+    worker = _Images(params, latents_path, out)
     skipped = []
     for index in indices:
-        source = in_latents[keys[index]]
-        image, category = images["image"].iloc[source], images["category"].iloc[source]
         start = time.perf_counter()
-        if backbone.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(backbone.device)
+        if worker.backbone.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(worker.backbone.device)
         try:
-            if not images["done"].iloc[source]:
-                raise PipelineError(latents_path, image, f"not encoded ({images['error'].iloc[source] or 'pending'})")
-            mean = torch.from_numpy(mean_array[source]).permute(2, 0, 1)
-            std = torch.from_numpy(std_array[source]).permute(2, 0, 1)
-            maps = image_maps(params, backbone, image, category, mean, std, out)
-            _write(root, params, backbone, index, maps, latents_attrs["canvas"])
-            store.mark_done(root, index, time.perf_counter() - start, peak_memory(backbone.device))
+            maps = worker.maps(index)
+            store.write_image(index, [(array, maps[(layer, name)]) for layer, array, name in worker.lay_out(maps)])
+            store.mark_done(worker.root, index, time.perf_counter() - start, peak_memory(worker.backbone.device))
         except PipelineError as exc:
             if on_error != "skip":
                 raise
-            store.mark_skipped(root, index, str(exc))
-            skipped.append((image, str(exc)))
+            store.mark_skipped(worker.root, index, str(exc))
+            skipped.append((worker.key(index), str(exc)))
         if progress:
             progress()
     return skipped
-
-
-def _write(root, params: BackboneParams, backbone, index: int, maps: dict, canvas: int) -> None:
-    writes = []
-    for layer in params.layers:
-        features = maps[(layer, "features")]  # (timestep, y, x, channel)
-        _, h, w, c = features.shape
-        stride = canvas / h
-        arrays = {"features": (("timestep", "y", "x", "channel"), features.shape),
-                  "overflow": (("timestep",), (len(params.timesteps),), "int64")}
-        if (layer, "shift") in maps:
-            arrays |= {"shift": (("timestep", "channel"), (len(params.timesteps), c)),
-                       "scale": (("timestep", "channel"), (len(params.timesteps), c))}
-        node = store.ensure_layer(
-            root, layer, arrays,
-            {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
-            {**backbone.layer_attrs(layer), "stride": stride}, storage={"features": params.storage},
-        )
-        writes += [(node[array], maps[(layer, array)]) for array in arrays]
-    store.write_image(index, writes)

@@ -1,16 +1,18 @@
 """A store kept with lossy `storage` measures what the encoding costs matching, and records it.
 
-After extraction, the images of a sample of the split's pairs are extracted again as float16 (the same
-seeded computation: the values the lossy store encoded) into `<store>.fidelity-reference`, both stores
-are matched on those pairs with the `dift` protocol under every transform configured for the backbone,
-and per layer the store's attrs get (`fidelity`): the fraction of predictions identical to float16's, and
-the largest change of PCK@0.1 (bbox, in points) over the layer's timesteps and transforms. For scale, the
-same two figures are recorded for the reference's own features rounded to bfloat16 (`bfloat16_identical`,
-`bfloat16_pck_change`): how far predictions move with no encoding at all, from the last rounding of a model
-computed in bfloat16 (FLUX in the real profile). On near-flat maps (random weights) even that moves a few
-percent of predictions by a pixel. The reference is then deleted. `cli.py info` prints the figures
-(pipeline/cache/store.py); `cli.py verify` fails below `fidelity.min_identical` or above
-`fidelity.max_pck_change` (params.yaml; pipeline/cache/verify.py).
+Extraction (`extract_measured`) first writes the images of a sample of the split's pairs (of images that did
+not fit a `pca:K` store's axes, unless no such pair is left: `images_in_fit` says how many did), extracts
+them again as float16 (the same seeded computation: the values the lossy store encoded) into
+`<store>.fidelity-reference`, matches both stores on those pairs with the `dift` protocol under every
+transform configured for the backbone, and records per layer in the store's attrs (`fidelity`): the fraction
+of predictions identical to float16's, and the largest change of PCK@0.1 (bbox, in points) over the layer's
+timesteps and transforms. For scale, the same two figures are recorded for the reference's own features
+rounded to bfloat16 (`bfloat16_identical`, `bfloat16_pck_change`): how far predictions move with no encoding
+at all, from the last rounding of a model computed in bfloat16 (FLUX in the real profile). On near-flat maps
+(random weights) even that moves a few percent of predictions by a pixel. The reference is then deleted.
+Only then, if every layer meets `fidelity.min_identical` and `fidelity.max_pck_change` (params.yaml), are
+the other images extracted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify`
+holds a store to the thresholds (pipeline/cache/verify.py).
 """
 
 from __future__ import annotations
@@ -28,18 +30,52 @@ import zarr
 from pipeline.cache import codecs, store
 
 
-def after_extraction(params, name: str, out) -> dict | None:
-    """What `extract` (stage and CLI) does once a store is complete: measure it, when its storage is lossy."""
+def extract_measured(params, name: str, out, replace: str = "never", client=None, on_error: str = "fail",
+                     check_disk: bool = True) -> dict | None:
+    """What `extract` (stage and CLI) runs: the backbone's whole store. A lossy one first extracts the images
+    of its fidelity sample (after a `pca:K` store's fit) and measures them against float16, then stops with a
+    one-line error, before the other images, when a layer is below `fidelity`'s thresholds (params.yaml): a
+    store is days of GPU time. Its figures are kept, and measured again only for another sample or other
+    transforms; the store resumes either way. Returns the figures of a lossy store, else None."""
+    from pipeline.cache.extract import extract, fit_sample, open_latents
+    from pipeline.cache.verify import fidelity_problems
+
     backbone = params.backbone(name)
+    latents_path = params.latents_path(backbone.latents)
+    run = {"replace": replace, "client": client, "on_error": on_error, "check_disk": check_disk}
     if not codecs.is_lossy(backbone.storage):
+        extract(backbone, name, latents_path, out, **run)
         return None
-    return measure(backbone, name, params.latents_path(backbone.latents), out, pd.read_parquet(params.data.pairs),
-                   params.match.transforms_for(name), params.fidelity.images)
+    keys = list(store.read_images(open_latents(latents_path))["image"])
+    fit = [keys[i] for i in fit_sample(len(keys), backbone.fit_images, backbone.seed)] \
+        if codecs.parse_storage(backbone.storage)[0] == "pca" else []
+    chosen, sample = sample_pairs(pd.read_parquet(params.data.pairs), params.fidelity.images, avoid=fit)
+    extract(backbone, name, latents_path, out, first=chosen, **run)
+    attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
+    specs = params.match.transforms_for(name)
+    measured = attrs.get("fidelity", {})
+    if measured.get("sample") != chosen or measured.get("transforms") != specs:  # none yet, or another sample
+        measure(backbone, name, latents_path, out, sample, chosen, specs)
+        attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
+    problems = fidelity_problems(attrs, params.fidelity.min_identical, params.fidelity.max_pck_change)
+    if problems:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(out, "fidelity", "; ".join(f"{layer}: {why}" for layer, why in problems)
+                            + f" (on {len(chosen)} images, before the other {len(keys) - len(chosen)}: choose other "
+                            "storage, or relax fidelity in params.yaml, and run again)")
+    extract(backbone, name, latents_path, out, **(run | {"replace": "never"}))  # the same store: it resumes
+    return attrs["fidelity"]["layers"]
 
 
-def sample_pairs(pairs: pd.DataFrame, count: int, seed: int = 0) -> tuple[list[str], pd.DataFrame]:
+def sample_pairs(pairs: pd.DataFrame, count: int, seed: int = 0, avoid=()) -> tuple[list[str], pd.DataFrame]:
     """Up to `count` images, taken pair by pair in a seeded order, and every pair of the split whose two
-    images are among them."""
+    images are among them; pairs with an image in `avoid` (those that fitted a pca store's axes) only when
+    no other pair is left."""
+    avoid = set(avoid)
+    unseen = pairs[~pairs["src_image"].isin(avoid) & ~pairs["trg_image"].isin(avoid)]
+    if len(unseen) and len(unseen) < len(pairs):
+        return sample_pairs(unseen, count, seed)
     order = pairs.sample(frac=1.0, random_state=seed) if len(pairs) else pairs
     chosen: list[str] = []
     for pair in order.itertuples(index=False):
@@ -51,12 +87,13 @@ def sample_pairs(pairs: pd.DataFrame, count: int, seed: int = 0) -> tuple[list[s
     return sorted(chosen), pairs[inside]
 
 
-def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform_specs, images: int = 24) -> dict:
-    """Extract the sample's float16 reference, match both stores, record and return `fidelity` per layer."""
+def measure(params, name: str, latents_path, out, sample: pd.DataFrame, chosen: list[str], transform_specs) -> dict:
+    """Extract the float16 reference of images `chosen`, match both stores on the `sample` pairs between them,
+    record and return `fidelity` per layer."""
     from pipeline.cache.extract import extract
     from pipeline.matching.match import match_store
 
-    chosen, sample = sample_pairs(pairs, images)
+    fit = zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs.get("fit_images", [])
     reference_path = Path(f"{out}.fidelity-reference")
     reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path,
                         replace="outdated", only=chosen, check_disk=False)
@@ -76,7 +113,9 @@ def measure(params, name: str, latents_path, out, pairs: pd.DataFrame, transform
                            "bfloat16_identical": float(floor["identical"].mean()[layer]),
                            "bfloat16_pck_change": float(floor["pck_change"].max()[layer])}
     root = zarr.open_group(store.local(out), mode="r+", use_consolidated=False)
-    root.attrs["fidelity"] = {"storage": params.storage, "images": len(chosen), "layers": fidelity}
+    root.attrs["fidelity"] = {"storage": params.storage, "images": len(chosen), "layers": fidelity,
+                              "images_in_fit": len(set(chosen) & set(fit)), "sample": list(chosen),
+                              "transforms": list(transform_specs)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(root.store)

@@ -146,21 +146,23 @@ def writer_lock(path: str | Path):
         handle.close()
 
 
-def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None, storage="float16"):
+def _array(group, name, shape, dtype, dims, chunks=None, fill_value=None, storage="float16", basis=None):
     return group.create_array(
         name, shape=shape, dtype=dtype, chunks=chunks or (1,) * len(shape), dimension_names=dims,
-        fill_value=fill_value, **codecs.codecs(storage),
+        fill_value=fill_value, **codecs.codecs(storage, basis),
     )
 
 
 def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
-                 coords: dict[str, np.ndarray], attrs: dict, dtype="float16", storage: dict | None = None) -> zarr.Group:
+                 coords: dict[str, np.ndarray], attrs: dict, dtype="float16", storage: dict | None = None,
+                 basis: codecs.Basis | None = None) -> zarr.Group:
     """The node for one layer, created on first use with the given per-image arrays.
 
     `arrays` maps an array name to (dims after image, shape after image) of `dtype`, or to (dims, shape,
     its own dtype) for an integer array, which is filled with 0. Each chunk holds one image and one
     timestep, except for arrays of (image, timestep) alone: one image per chunk. `storage` maps an array
-    name to its encoding (pipeline/cache/codecs.py; float16 if not given).
+    name to its encoding (pipeline/cache/codecs.py; float16 if not given); `basis`: the layer's fitted axes,
+    for an array kept as `pca:K`.
     """
     if name in root:
         return root[name]
@@ -171,7 +173,8 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
         chunks = (1, 1, *shape[1:]) if dims[0] == "timestep" and len(dims) > 1 else (1, *shape)
         kind = own_dtype[0] if own_dtype else dtype
         _array(node, array, (images, *shape), kind, ["image", *dims], chunks=chunks,
-               fill_value=0 if np.dtype(kind).kind in "iu" else np.nan, storage=(storage or {}).get(array, "float16"))
+               fill_value=0 if np.dtype(kind).kind in "iu" else np.nan, storage=(storage or {}).get(array, "float16"),
+               basis=basis)
     for dim, values in coords.items():
         _array(node, dim, values.shape, values.dtype, [dim], chunks=values.shape)[:] = values
     return node
@@ -345,7 +348,10 @@ def describe_fidelity(attrs: dict) -> list[str]:
     found = attrs.get("fidelity")
     if not found:
         return []
-    lines = [f"fidelity of {found['storage']} against float16 ({found['images']} images; dift, every transform):"]
+    fit = attrs.get("fit_images")
+    seen = (f", {found['images_in_fit']} of them among the {len(fit)} that fitted the axes" if fit and "images_in_fit" in found
+            else "")
+    lines = [f"fidelity of {found['storage']} against float16 ({found['images']} images{seen}; dift, every transform):"]
     lines += [f"  {layer}: {f['identical']:.1%} identical predictions, PCK@0.1 change {f['pck_change']:.2f} points "
               f"({f['pairs']} pairs)" + (f"; {bfloat16_scale(f)}" if "bfloat16_identical" in f else "")
               for layer, f in found["layers"].items()]
