@@ -3,7 +3,8 @@
 - Stored bytes are exact: every backbone is built from its config files on the meta device (no
   weights, no memory) and run through the same capture path as extraction, which gives the shape of
   every stored array; times the stored dtype (float16 features, shift and scale; int64 overflow
-  counts; float32 latents). Zarr's compression only lowers them.
+  counts; float32 latents), or a lossy `storage`'s bytes (pca:K: with all EXACT_CHANNELS exact channels,
+  an upper bound). Zarr's compression only lowers them.
 - Downloads: the parameters of the components the stages load (pipeline/models/fetch.py), counted on the
   meta device, times the precision of the repository's weight files.
 - GPU memory: the weights on the device at one time (text encoders, then the denoiser: never both)
@@ -13,7 +14,8 @@
 - Time: FLOPs counted on the meta forward (torch's FlopCounterMode) over an effective rate: measured
   by `benchmarks/realsize.py` on the same device type (benchmarks/results/realsize-<device>.json), or
   else DIFT's published figure (203 ms per 768-px image on an A6000, SD2.1 to up_blocks.1, ensemble 8)
-  applied as a FLOP rate. Matching: pairs x variants x the seconds per pair of benchmarks/match.py.
+  applied as a FLOP rate; a lossy store's fit and fidelity samples count as images too. Matching: pairs
+  x variants x the seconds per pair of benchmarks/match.py.
 """
 
 from __future__ import annotations

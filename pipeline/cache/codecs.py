@@ -17,10 +17,10 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
   magnitude (massive activations of diffusion transformers, up to EXACT_CHANNELS, float16) and the mean
   and standard deviation of each cell's other channels (float32; decoding shifts and scales them back), so
   each cell's statistics over all channels are exact and LayerNorm, AdaLN and `drop:auto` see what they
-  would see in the float16 store. Every image shares its layer's axes, so a decoded cell is the orthogonal projection of the
-  original onto one subspace, and the cosine of two decoded cells differs from theirs only by the product
-  of their two residuals: second order in what the axes leave out, where int8's rounding errs to first
-  order (README, "Storage", for the measurements).
+  would see in the float16 store. Every image shares its layer's axes, so a decoded cell is its orthogonal
+  projection onto one subspace (rescaled to its exact std), and the cosine of two decoded cells errs by
+  about the product of their two residuals: second order in what the axes leave out, where int8's
+  rounding errs to first order (README, "Storage", for the measurements).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class LayerMoments:
         """The exact channels (as `outsized_channels`, on the median over images of the per-image medians) and
         the K leading eigenvectors of the other channels' second moments once each cell's mean is removed:
         the K-dimensional subspace that keeps most of what the encoding leaves after the mean (uncentred PCA,
-        so the decoded cell is an orthogonal projection, and cosines between two decoded cells err only by
+        so the decoded cell is an orthogonal projection, and cosines between two decoded cells err by about
         the product of their two residuals). Where K exceeds the cells' rank (the demo's tiny models) the
         extra axes are whatever `eigh` returns: the same on one machine, maybe not on another build."""
         exact = outsized_channels(np.median(np.stack(self.medians), axis=0))

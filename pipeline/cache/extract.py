@@ -1,6 +1,7 @@
 """Latents store -> features store, one backbone run: the loop over images (resumable, sharded on dask
 workers, skipping bad images under `on_error: skip`) around pipeline/cache/features.py, which computes
-each image's arrays.
+each image's arrays; for `pca:K`, first the fit of each layer's axes on `fit_images` images. A lossy
+store's fidelity sample goes first (`first`; pipeline/cache/fidelity.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ rounded to bfloat16 (`bfloat16_identical`, `bfloat16_pck_change`): how far predi
 at all, from the last rounding of a model computed in bfloat16 (FLUX in the real profile). On near-flat maps
 (random weights) even that moves a few percent of predictions by a pixel. The reference is then deleted.
 Only then, if every layer meets `fidelity.min_identical` and `fidelity.max_pck_change` (params.yaml), are
-the other images extracted. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify`
+the other images extracted. The figures record their `sample` and `transforms`, and are measured again
+only when those change. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify`
 holds a store to the thresholds (pipeline/cache/verify.py).
 """
 
