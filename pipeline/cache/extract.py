@@ -123,8 +123,8 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
             _fit_axes(*fit) if client is None else client.submit(_fit_axes, *fit, pure=False).result()
         pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
         if first is not None:
-            keys = root["image"][:]
-            pending = [i for i in pending if keys[i] in set(first)]
+            keys, wanted = root["image"][:], set(first)
+            pending = [i for i in pending if keys[i] in wanted]
         job = (params, str(latents_path), str(out), on_error)
         skipped = []
         with tqdm(total=len(images), initial=len(images) - len(pending), unit="img", desc=f"extract {name}") as bar:
