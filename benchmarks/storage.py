@@ -11,7 +11,7 @@ the float16 features rounded to bfloat16: how far predictions move with no encod
 precision the real profile computes FLUX in.
 
     python benchmarks/storage.py --store store/sd3.zarr [--store ...] [--pairs data/prepared/pairs.parquet]
-        [--storage int8 --storage pca:64 ...] [--json benchmarks/results/storage.json]
+        [--storage pca:256 --storage pca:64 ...] [--json benchmarks/results/storage.json]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pipeline.cache.maps import StoreMaps  # noqa: E402
 from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
 from pipeline.matching.match import match_store  # noqa: E402
 
-CHOICES = ("float16-shuffle", "int8", "pca:256", "pca:128", "pca:64")
+CHOICES = ("float16-shuffle", "pca:256", "pca:128", "pca:64")
 # Not a storage choice: the scale of "identical predictions". Rounding the float16 features to bfloat16
 # moves predictions as much as the model's own compute precision would, with no encoding at all.
 BFLOAT16_ROUNDING = "bfloat16-rounding"

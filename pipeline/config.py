@@ -33,8 +33,8 @@ Seed = Annotated[int, Field(ge=0, strict=True)]
 Timestep = Annotated[int, Field(ge=0, le=1000, strict=True)]
 Dtype = Literal["float32", "float16", "bfloat16"]
 Device = Annotated[str, Field(pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$", json_schema_extra={"expected": "cpu, cuda, cuda:<n> or auto"})]
-Storage = Annotated[str, Field(pattern=r"^(float16|float16-shuffle|int8|pca:[1-9][0-9]*)$",
-                               json_schema_extra={"expected": "float16, float16-shuffle, int8 or pca:<K>"})]
+Storage = Annotated[str, Field(pattern=r"^(float16|float16-shuffle|pca:[1-9][0-9]*)$",
+                               json_schema_extra={"expected": "float16, float16-shuffle or pca:<K>"})]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", json_schema_extra={"expected": "64 hexadecimal digits"})]
 Fraction = Annotated[float, Field(ge=0, le=1, strict=True)]
 
@@ -95,7 +95,7 @@ class BackboneParams:
     # device with the denoiser either way (see pipeline/models/backbones/__init__.py).
     offload: Literal["none", "blocks"] = "none"
     # How `features` arrays are kept (pipeline/cache/codecs.py): float16 | float16-shuffle (lossless) |
-    # int8 | pca:K (lossy, fidelity measured by the store).
+    # pca:K (lossy, fidelity measured by the store).
     storage: Storage = "float16"
     fit_images: Count = 32  # pca:K: images (seeded) whose features fit each layer's K axes before extraction
 

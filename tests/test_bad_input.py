@@ -171,7 +171,7 @@ BAD_PARAMS = [
     ("encoders.pixels.canvas", 225, [
         "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which clip needs (its patch; backbones.clip)",
         "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which dinov2 needs (its patch; backbones.dinov2)"]),
-    ("backbones.sd3.storage", "int4", ["backbones.sd3.storage: expected float16, float16-shuffle, int8 or pca:<K>, got 'int4'"]),
+    ("backbones.sd3.storage", "int4", ["backbones.sd3.storage: expected float16, float16-shuffle or pca:<K>, got 'int4'"]),
     ("backbones.sd2.latents", "tiny-sd9",
      ["backbones.sd2.latents: no encoder named 'tiny-sd9'; encoders has ['pixels', 'tiny-flux', 'tiny-sd2', 'tiny-sd3']"]),
 ]

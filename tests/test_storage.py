@@ -35,21 +35,46 @@ def written(values: np.ndarray, storage: str, basis=None) -> tuple[np.ndarray, i
     return array[:], size
 
 
-def test_lossless_and_int8_round_trips():
+def test_lossless_choices_round_trip():
     values = chunk(np.random.default_rng(0))
     for storage in ("float16", "float16-shuffle"):
         assert np.array_equal(written(values, storage)[0], values)
-    values[0, 0, 3] *= 0.01  # a row of cells of small norm
-    decoded, size = written(values, "int8")
-    assert size == codecs.chunk_bytes("int8", values.shape) == values.size + 4 * values.shape[-1] + 4 * 120
-    x, y = values.astype(np.float32).reshape(-1, 96), decoded.astype(np.float32).reshape(-1, 96)
-    channel = np.abs(x).max(axis=0)
-    step = (np.abs(x / channel).max(axis=1) / 127)[:, None] * channel
-    # Half a step (the cell's range in the channel's units), plus float16's rounding of the decoded value.
-    assert (np.abs(y - x) <= step / 2 + np.abs(x) * 2**-10 + 1e-6).all()
-    assert np.abs(y - x)[:, 3].max() < 0.1 * np.abs(y - x)[:, 7].max()  # small channels are not flattened
-    small = slice(30, 40)  # the small cells keep their relative precision
-    assert np.abs(y - x)[small].max() < 0.05 * np.abs(y - x)[40:].max()
+
+
+def test_the_codecs_casts_are_numpys_bit_for_bit():
+    """float16 <-> float32 through torch (codecs.cast): every finite float16, and float32 values across
+    float16's range (subnormals, ties, overflow to inf) round exactly as numpy's astype."""
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    assert np.array_equal(codecs.cast(halves, np.float32).view(np.uint32), halves.astype(np.float32).view(np.uint32))
+    rng = np.random.default_rng(0)
+    singles = (rng.standard_normal(200_000) * np.exp(rng.uniform(-20, 12, 200_000))).astype(np.float32)
+    ties = halves.astype(np.float32)[:-1] + np.diff(halves.astype(np.float32)) / 2  # halfway: to even
+    singles = np.concatenate([singles, ties, np.float32([65519.99, 65520.0, 7e4, -7e4, 2**-25, 2**-26])])
+    with np.errstate(over="ignore"):
+        assert np.array_equal(codecs.cast(singles, np.float16).view(np.uint16), singles.astype(np.float16).view(np.uint16))
+    assert codecs.cast(halves.reshape(-1, 2)[:, 0], np.float32).dtype == np.float32  # strided input
+
+
+def test_chunks_are_coded_on_one_blas_thread_until_the_last_one_ends():
+    """OneBlasThread: numpy's BLAS runs one thread while any chunk codes, and gets its threads back only
+    when the last concurrent coder ends (threadpoolctl's limits are per process)."""
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    def threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in ThreadpoolController().info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = threads()
+        assert before and set(before.values()) == {2}
+        first = codecs.OneBlasThread()
+        first.__enter__()
+        first.__enter__()  # a second chunk, coded at the same time
+        assert set(threads().values()) == {1}
+        first.__exit__(None, None, None)
+        assert set(threads().values()) == {1}  # the other chunk is still coding
+        first.__exit__(None, None, None)
+        assert threads() == before
 
 
 def images_of_one_subspace(rng, images=5, cells=(12, 10), channels=96, rank=6, noise=0.01) -> list[np.ndarray]:
@@ -152,7 +177,7 @@ def compact_stores(demo_stores, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("compact")
     out = {"float16": demo_stores["stores"]["tiny-sd3"]}  # the same parameters, kept as float16
-    for storage in ("int8", "pca:16"):
+    for storage in ("pca:16",):
         params = BackboneParams(kind="sd3", model=demo_stores["models"]["tiny-sd3"], latents="tiny-sd3", layers=LAYERS,
                                 timesteps=[261], ensemble=1, storage=storage, fit_images=8)
         out[storage] = extract(params, "tiny-sd3", demo_stores["latents"]["tiny-sd3"], base / f"{storage}.zarr")
@@ -203,16 +228,12 @@ def test_a_compact_store_reads_as_the_same_store(compact_stores, demo_stores):
     reference = StoreMaps(compact_stores["float16"])
     # The default keeps the fingerprint stores had before the knob existed: storage is not a determinant.
     assert "storage" not in reference.root.attrs["determinants"]
-    for storage in ("int8", "pca:16"):
-        maps = StoreMaps(compact_stores[storage])
-        assert maps.root.attrs["determinants"]["storage"] == storage and maps.fingerprint != reference.fingerprint
-        for image in maps.images.index[:5]:
-            x, y = reference.raw(image, LAYERS[0], 261), maps.raw(image, LAYERS[0], 261)
-            if storage == "int8":
-                cosine = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
-                assert cosine.min() > 0.999, image
-            else:  # 16 of the tiny model's 32 channels: lossy, but each cell's mean and std are kept
-                assert np.allclose(y.mean(-1), x.mean(-1), atol=2e-3) and np.allclose(y.std(-1), x.std(-1), rtol=2e-3)
+    maps = StoreMaps(compact_stores["pca:16"])
+    assert maps.root.attrs["determinants"]["storage"] == "pca:16" and maps.fingerprint != reference.fingerprint
+    for image in maps.images.index[:5]:
+        x, y = reference.raw(image, LAYERS[0], 261), maps.raw(image, LAYERS[0], 261)
+        # 16 of the tiny model's 32 channels: lossy, but each cell's mean and std are kept
+        assert np.allclose(y.mean(-1), x.mean(-1), atol=2e-3) and np.allclose(y.std(-1), x.std(-1), rtol=2e-3)
     # xarray, in a process whose code never imports this package: Zarr finds the codecs by their entry points.
     script = (
         "import json, sys, xarray as xr\n"
@@ -220,7 +241,7 @@ def test_a_compact_store_reads_as_the_same_store(compact_stores, demo_stores):
         f"f = tree['{LAYERS[0]}'].ds['features']\n"
         "print(json.dumps({'dims': list(f.dims), 'values': f.isel(image=2, timestep=0).values.astype(float).ravel()[:50].tolist()}))\n"
     )
-    for storage in ("int8", "pca:16"):
+    for storage in ("pca:16",):
         found = json.loads(subprocess.run([sys.executable, "-c", script, str(compact_stores[storage])], check=True,
                                           capture_output=True, text=True).stdout)
         maps = StoreMaps(compact_stores[storage])
@@ -228,20 +249,23 @@ def test_a_compact_store_reads_as_the_same_store(compact_stores, demo_stores):
         assert np.array_equal(np.float32(found["values"]), maps.raw(maps.images.index[2], LAYERS[0], 261).ravel()[:50])
 
 
-def test_matching_reads_compact_stores(compact_stores, demo_stores):
+def test_matching_reads_compact_stores_as_their_decoded_values(compact_stores, demo_stores, tmp_path):
+    """match on a pca store gives exactly what it gives on a float16 store holding the decoded values."""
+    import shutil
+
     from pipeline.matching.match import match_store
 
-    pairs = demo_stores["pairs"]
-    tables = {storage: match_store(path, pairs, transform_specs=["raw", "drop:auto+adaln"], statistics="none")
-              for storage, path in compact_stores.items()}
-    reference = tables["float16"]
-    identical = {}
-    for storage in ("int8", "pca:16"):
-        table = tables[storage]
-        assert table[["pair", "keypoint", "layer", "transform"]].equals(reference[["pair", "keypoint", "layer", "transform"]])
-        identical[storage] = (table[["pred_x", "pred_y"]].to_numpy() == reference[["pred_x", "pred_y"]].to_numpy()).all(1).mean()
-    print(identical)
-    assert identical["int8"] > 0.95
+    decoded = shutil.copytree(compact_stores["float16"], tmp_path / "decoded.zarr")
+    group, compact = zarr.open_group(decoded, mode="r+", use_consolidated=False), zarr.open_group(compact_stores["pca:16"], mode="r")
+    assert list(group["image"][:]) == list(compact["image"][:])
+    for layer in LAYERS:
+        values = compact[layer]["features"][:]
+        assert not np.array_equal(values, group[layer]["features"][:])  # lossy: the comparison can fail
+        group[layer]["features"][:] = values
+    specs, columns = ["raw", "drop:auto+adaln"], ["pair", "keypoint", "layer", "transform", "pred_x", "pred_y"]
+    ours = match_store(compact_stores["pca:16"], demo_stores["pairs"], transform_specs=specs, statistics="none")
+    theirs = match_store(decoded, demo_stores["pairs"], transform_specs=specs, statistics="none")
+    assert len(ours) and ours[columns].equals(theirs[columns])
 
 
 def test_bad_storage_is_a_one_line_error_before_any_work(tmp_path):
@@ -252,7 +276,7 @@ def test_bad_storage_is_a_one_line_error_before_any_work(tmp_path):
     with pytest.raises(PipelineError) as error:
         extract(params, "sd3", tmp_path / "no-latents.zarr", tmp_path / "sd3.zarr")
     assert str(error.value) == ("params.yaml: backbones.sd3.storage: unknown storage 'int4'; expected one of float16, "
-                                "float16-shuffle, int8, pca:K (K a positive integer)")
+                                "float16-shuffle, pca:K (K a positive integer)")
     assert not (tmp_path / "sd3.zarr").exists()
 
 
@@ -268,9 +292,9 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
     from pipeline.evaluation import metrics
     from pipeline.matching.match import match_store
 
-    path = shutil.copytree(compact_stores["int8"], tmp_path / "int8.zarr")
+    path = shutil.copytree(compact_stores["pca:16"], tmp_path / "pca.zarr")
     params = BackboneParams(kind="sd3", model=demo_stores["models"]["tiny-sd3"], latents="tiny-sd3", layers=LAYERS,
-                            timesteps=[261], ensemble=1, storage="int8")
+                            timesteps=[261], ensemble=1, storage="pca:16", fit_images=8)
     pairs = demo_stores["pairs"]
     specs = ["raw", "drop:auto+adaln"]
     chosen, sample = fidelity.sample_pairs(pairs, 10)
@@ -301,7 +325,7 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
         assert measured[layer]["bfloat16_identical"] == pytest.approx(same)
     assert any(measured[layer]["bfloat16_identical"] < 1 for layer in LAYERS)  # the rounding moved something
     root = zarr.open_group(path, mode="r")
-    assert root.attrs["fidelity"]["layers"] == measured and root.attrs["fidelity"]["storage"] == "int8"
+    assert root.attrs["fidelity"]["layers"] == measured and root.attrs["fidelity"]["storage"] == "pca:16"
     runner = CliRunner()
     info = runner.invoke(cli, ["info", "--store", str(path)])
     assert f"{LAYERS[0]}: {measured[LAYERS[0]]['identical']:.1%} identical predictions" in info.output
@@ -316,7 +340,8 @@ def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compa
                 f"(bfloat16 rounding: {found['bfloat16_identical']:.1%}, {found['bfloat16_pck_change']:.2f} points)"
                 in result.output)
     lenient = tmp_path / "lenient.yaml"
-    lenient.write_text("fidelity: {min_identical: 0.5, max_pck_change: 50}\n")
+    worst = min(f["identical"] for f in measured.values()), max(f["pck_change"] for f in measured.values())
+    lenient.write_text(f"fidelity: {{min_identical: {worst[0]!r}, max_pck_change: {worst[1]!r}}}\n")  # the store's own worst
     assert runner.invoke(cli, ["verify", "--store", str(path), "--params", str(lenient)]).exit_code == 0
     # A lossy store that never measured itself is a problem, not a pass.
     unmeasured = zarr.open_group(compact_stores["pca:16"], mode="r").attrs.asdict()
@@ -332,7 +357,7 @@ def test_a_lossy_stores_fingerprint_holds_its_codecs_code():
     latents = {"fingerprint": "f"}
     params = BackboneParams(kind="sd3", model="", latents="l", layers=LAYERS)
     assert "code:pipeline.cache.codecs" not in _determinants(params, latents)  # float16: nothing decoded
-    for storage in ("int8", "pca:64", "float16-shuffle"):
+    for storage in ("pca:64", "float16-shuffle"):
         found = _determinants(BackboneParams(kind="sd3", model="", latents="l", layers=LAYERS, storage=storage), latents)
         assert found["code:pipeline.cache.codecs"] == code_identity(codecs) and found["storage"] == storage
 

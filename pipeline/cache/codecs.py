@@ -6,11 +6,6 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
 
 - `float16`: float16, zstd level 3 (what every store held before the knob existed; the default).
 - `float16-shuffle`: the same float16 values, byte-shuffled before zstd (Blosc): lossless, smaller.
-- `int8`: per chunk (one image, one timestep), each channel scaled by its largest |x|, then each cell by its
-  largest scaled |x|, and rounded to int8 (`dift_cache.channel_int8`), then zstd: about half the bytes
-  before compression. A value's error is at most half a step, 1/254 of its cell's range in its channel's
-  units, so massive channels keep their own range and neither small channels nor small cells are
-  rounded away.
 - `pca:K`: each cell's coordinates on K axes fitted per layer, before extraction, on a sample of images
   (`LayerMoments`, `Basis`: in the array's codec configuration, `dift_cache.layer_pca`), as int16 with a
   scale per component, with what the feature transforms need kept exactly: the channels of outsized
@@ -19,8 +14,9 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
   each cell's statistics over all channels are exact and LayerNorm, AdaLN and `drop:auto` see what they
   would see in the float16 store. Every image shares its layer's axes, so a decoded cell is its orthogonal
   projection onto one subspace (rescaled to its exact std), and the cosine of two decoded cells errs by
-  about the product of their two residuals: second order in what the axes leave out, where int8's
-  rounding errs to first order (README, "Storage", for the measurements).
+  about the product of their two residuals: second order in what the axes leave out, where rounding each
+  value (int8 with per-channel and per-cell scales, measured and dropped; bfloat16) errs to first order
+  (README, "Storage", for the measurements).
 """
 
 from __future__ import annotations
@@ -28,28 +24,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from threadpoolctl import ThreadpoolController
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.core.common import parse_named_configuration
 
-STORAGE = ("float16", "float16-shuffle", "int8", "pca:K")
-STORAGE_CHOICES = ("float16", "float16-shuffle", "int8", "pca:256", "pca:128", "pca:64")  # what `plan` prices
+STORAGE = ("float16", "float16-shuffle", "pca:K")
+STORAGE_CHOICES = ("float16", "float16-shuffle", "pca:256", "pca:128", "pca:64")  # what `plan` prices
 EXACT_CHANNELS = 16  # pca: at most this many outsized channels kept exactly
 EXACT_RATIO = 10.0  # pca: a channel is outsized when its median |x| is this many times the channels' median
 
 
 def parse_storage(storage: str) -> tuple[str, int | None]:
-    """("float16" | "float16-shuffle" | "int8" | "pca", K or None); ValueError naming the choices."""
+    """("float16" | "float16-shuffle" | "pca", K or None); ValueError naming the choices."""
     kind, _, components = storage.partition(":")
     if kind == "pca" and components.isdigit() and int(components) > 0:
         return kind, int(components)
-    if storage in STORAGE[:3]:
+    if storage in STORAGE[:2]:
         return storage, None
     raise ValueError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGE)} (K a positive integer)")
 
@@ -66,51 +64,51 @@ def check_storage(storage: str, backbone: str) -> str:
 
 
 def is_lossy(storage: str) -> bool:
-    return parse_storage(storage)[0] in ("int8", "pca")
+    return parse_storage(storage)[0] == "pca"
 
 
-@dataclass(frozen=True)
-class ChannelInt8(ArrayBytesCodec):
-    """float chunk (..., C) <-> float32 channel scales (C), float32 cell scales (N), then int8 levels (N, C)."""
+def cast(values: np.ndarray, dtype) -> np.ndarray:
+    """`values.astype(dtype)`; between float16 and float32 through torch's vectorised casts (the same
+    round-to-nearest-even values, ~7x faster than numpy 2.4's on x86: a real-size chunk's cast took 10 ms)."""
+    import torch  # not at import: Zarr loads these codecs to open any store
 
-    name = "dift_cache.channel_int8"
-    is_fixed_size = True
+    dtype = np.dtype(dtype)
+    if {values.dtype, dtype} == {np.dtype(np.float16), np.dtype(np.float32)}:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(getattr(torch, dtype.name)).numpy()
+    return values.astype(dtype)
 
-    @classmethod
-    def from_dict(cls, data):
-        parse_named_configuration(data, cls.name, require_configuration=False)
-        return cls()
 
-    def to_dict(self):
-        return {"name": self.name}
+class OneBlasThread:
+    """numpy's BLAS on one thread while any chunk is being coded. Zarr codes an image's chunks in parallel,
+    one per worker thread; BLAS threads on top of them only compete for the same cores, and OpenBLAS's
+    threads spin after each call, taking cores from the model's next forward pass (2 CPUs, mid-size SD3:
+    pca:128 cost +18% to +45% over float16 with them). Reference-counted, as threadpoolctl's limits are per
+    process; the extraction loop holds it throughout (a restored limit wakes the threads that spin)."""
 
-    def evolve_from_array_spec(self, array_spec):
-        return self
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._coding = 0
+        self._limits = None
 
-    def compute_encoded_size(self, input_byte_length: int, chunk_spec) -> int:
-        return chunk_bytes("int8", chunk_spec.shape)
+    def __enter__(self):
+        with self._lock:
+            if not self._coding:
+                self._limits = _blas_threads().limit(limits=1, user_api="blas")
+            self._coding += 1
 
-    def _encode_sync(self, chunk_array, chunk_spec):
-        channel, cell, levels = quantise(np.asarray(chunk_array.as_numpy_array()))
-        return chunk_spec.prototype.buffer.from_bytes(channel.astype("<f4").tobytes() + cell.astype("<f4").tobytes()
-                                                      + levels.tobytes())
+    def __exit__(self, *exc):
+        with self._lock:
+            self._coding -= 1
+            if not self._coding:
+                self._limits.restore_original_limits()
 
-    def _decode_sync(self, chunk_bytes, chunk_spec):
-        raw = chunk_bytes.as_numpy_array().view(np.uint8)
-        c = chunk_spec.shape[-1]
-        n = int(np.prod(chunk_spec.shape)) // c
-        channel = raw[: 4 * c].view("<f4")
-        cell = raw[4 * c: 4 * (c + n)].view("<f4")
-        levels = raw[4 * (c + n):].view(np.int8).reshape(n, c)
-        values = (levels * cell[:, None]) * channel
-        return chunk_spec.prototype.nd_buffer.from_numpy_array(values.reshape(chunk_spec.shape).astype(chunk_spec.dtype.to_native_dtype()))
 
-    # In a worker thread, as zarr's own codecs do: chunks written or read together encode in parallel.
-    async def _encode_single(self, chunk_array, chunk_spec):
-        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    return ThreadpoolController()  # inspects every loaded library: once
 
-    async def _decode_single(self, chunk_bytes, chunk_spec):
-        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+
+one_blas_thread = OneBlasThread()
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +132,12 @@ class Basis:
         return axes.T @ np.linalg.inv(axes @ axes.T)
 
     @functools.cached_property
-    def projection32(self) -> np.ndarray:
-        return self.projection.astype(np.float32)
+    def encoder(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, K) float32 least-squares coefficients over every channel (zero rows for the exact ones, so a
+        chunk is projected without copying out its other channels) and their (K) float64 column sums."""
+        full = np.zeros((self.axes.shape[1] + len(self.exact), len(self.axes)), np.float32)
+        full[self.others(len(full))] = self.projection
+        return full, full.sum(axis=0, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -177,9 +179,10 @@ class LayerPCA(ArrayBytesCodec):
         return chunk_spec.prototype.buffer.from_bytes(pca_encode(np.asarray(chunk_array.as_numpy_array()), self.basis))
 
     def _decode_sync(self, chunk_bytes, chunk_spec):
-        values = pca_decode(chunk_bytes.to_bytes(), chunk_spec.shape, self.basis).astype(chunk_spec.dtype.to_native_dtype())
+        values = cast(pca_decode(chunk_bytes.to_bytes(), chunk_spec.shape, self.basis), chunk_spec.dtype.to_native_dtype())
         return chunk_spec.prototype.nd_buffer.from_numpy_array(values)
 
+    # In a worker thread, as zarr's own codecs do: chunks written or read together encode in parallel.
     async def _encode_single(self, chunk_array, chunk_spec):
         return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
@@ -194,8 +197,7 @@ def _basis(exact: tuple[int, ...], axes: str, components: int) -> Basis:
     return Basis(exact, np.frombuffer(base64.b64decode(axes), "<f2").reshape(components, -1))
 
 
-for _codec in (ChannelInt8, LayerPCA):
-    zarr.registry.register_codec(_codec.name, _codec)
+zarr.registry.register_codec(LayerPCA.name, LayerPCA)
 
 
 class LayerMoments:
@@ -248,20 +250,26 @@ def layer_pca_bytes(cells: int, components: int, exact: int) -> int:
 
 
 def pca_encode(values: np.ndarray, basis: Basis) -> bytes:
-    cells = values.reshape(-1, values.shape[-1])
-    other = (cells[:, basis.others(cells.shape[1])] if basis.exact else cells).astype(np.float32)
-    # float32 products (float16 values, int16 levels: ~1/65,000 of a component's range, far above float32's
+    cells16 = values.reshape(-1, values.shape[-1])
+    cells = cast(cells16, np.float32)
+    encoder, column_sums = basis.encoder
+    # The other channels' sums are all channels' less the exact ones', in float64 (exact products of float16
+    # values, so the outsized channels cancel out without loss); no copy of the other channels is made.
+    exact = cells[:, list(basis.exact)].astype(np.float64)
+    others = cells.shape[1] - exact.shape[1]
+    means = (cells.sum(axis=1, dtype=np.float64) - exact.sum(axis=1)) / others
+    squares = (np.einsum("ij,ij->i", cells, cells, dtype=np.float64) - np.einsum("ij,ij->i", exact, exact)) / others
+    stds = np.sqrt(np.maximum(squares - means**2, 0.0))
+    # A float32 product (float16 values, int16 levels: ~1/65,000 of a component's range, far above float32's
     # rounding); BLAS splits a product's rows and columns among threads, never a sum, so the bytes are the
-    # same whatever the threads. Each cell's mean over the other channels is taken out of its coefficients
-    # (the axes are orthogonal to it up to their float16 rounding). The statistics are summed in float64.
-    means = other.mean(axis=1, dtype=np.float64)
-    coefficients = other @ basis.projection32 - np.outer(means, basis.projection32.sum(axis=0, dtype=np.float64))
+    # same whatever the threads (here one: `one_blas_thread`). Each cell's mean over the other channels is taken out of its coefficients (the axes are orthogonal to
+    # it up to their float16 rounding).
+    with one_blas_thread:
+        coefficients = cells @ encoder - np.outer(means, column_sums)
     scales = (np.abs(coefficients).max(axis=0) / 32767.0).astype(np.float32)
     scales[scales == 0] = 1.0
     levels = np.clip(np.rint(coefficients / scales), -32767, 32767).astype("<i2")
-    squares = np.einsum("ij,ij->i", other, other, dtype=np.float64) / other.shape[1]
-    stds = np.sqrt(np.maximum(squares - means**2, 0.0))
-    return b"".join([scales.astype("<f4").tobytes(), levels.tobytes(), cells[:, list(basis.exact)].astype("<f2").tobytes(),
+    return b"".join([scales.astype("<f4").tobytes(), levels.tobytes(), cells16[:, list(basis.exact)].astype("<f2").tobytes(),
                      means.astype("<f4").tobytes(), stds.astype("<f4").tobytes()])
 
 
@@ -274,7 +282,8 @@ def pca_decode(data: bytes, shape, basis: Basis) -> np.ndarray:
         parts.append(np.frombuffer(data, dtype, count, offset))
         offset += np.dtype(dtype).itemsize * count
     scales, levels, kept, means, stds = parts
-    other = (levels.reshape(n, k) * scales) @ basis.axes.astype(np.float32)
+    with one_blas_thread:
+        other = (levels.reshape(n, k) * scales) @ basis.axes.astype(np.float32)
     # Shift and scale the reconstructed channels to their exact mean and std: with the exact channels kept
     # as they are, each cell's mean and std over all C (LayerNorm's) are exact too.
     centre = other.mean(axis=1)
@@ -289,22 +298,6 @@ def pca_decode(data: bytes, shape, basis: Basis) -> np.ndarray:
     cells[:, basis.others(c)] = other
     cells[:, list(basis.exact)] = kept
     return cells.reshape(shape)
-
-
-def quantise(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(..., C) floats -> (C,) channel scales, (N,) cell scales and (N, C) int8 levels: x ~ level x cell x
-    channel. Each channel is first scaled by its largest |x|, then each cell by its largest scaled |x|, so
-    a level step is 1/127 of the cell's own range in the channel's own units: massive channels keep their
-    range, and cells of small norm are not rounded away. Chunks never hold NaN: a chunk of fill values is
-    not stored at all."""
-    cells = values.reshape(-1, values.shape[-1]).astype(np.float32)
-    channel = np.abs(cells).max(axis=0)
-    channel[channel == 0] = 1.0
-    scaled = cells / channel
-    cell = np.abs(scaled).max(axis=1) / 127.0
-    cell[cell == 0] = 1.0
-    levels = np.clip(np.rint(scaled / cell[:, None]), -127, 127).astype(np.int8)
-    return channel, cell, levels
 
 
 # A pixels encoder's canvas is v / 127.5 - 1 for bytes v, computed in float64 and rounded to float32
@@ -325,8 +318,6 @@ def codecs(storage: str, basis: Basis | None = None) -> dict:
     kind, components = parse_storage(storage)
     if kind == "float16-shuffle":
         return {"compressors": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)}
-    if kind == "int8":
-        return {"serializer": ChannelInt8(), "compressors": ZstdCodec(level=3)}
     if kind == "pca":
         if basis is None or len(basis.axes) != min(components, basis.axes.shape[1]):
             raise ValueError(f"{storage} needs its layer's fitted basis of {components} axes")
@@ -340,8 +331,6 @@ def chunk_bytes(storage: str, shape) -> int:
     kind, components = parse_storage(storage)
     c = int(shape[-1])
     n = int(np.prod(shape)) // c
-    if kind == "int8":
-        return n * c + 4 * c + 4 * n
     if kind == "pca":
         kept = min(components + EXACT_CHANNELS, c)  # coefficients and exact channels: K + M <= C
         return 4 * min(components, c) + 2 * n * kept + 8 * n

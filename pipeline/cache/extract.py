@@ -275,19 +275,22 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
     """Extract images `indices` into the open store `out`; the (image, reason) pairs skipped."""
     worker = _Images(params, latents_path, out)
     skipped = []
-    for index in indices:
-        start = time.perf_counter()
-        if worker.backbone.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(worker.backbone.device)
-        try:
-            maps = worker.maps(index)
-            store.write_image(index, [(array, maps[(layer, name)]) for layer, array, name in worker.lay_out(maps)])
-            store.mark_done(worker.root, index, time.perf_counter() - start, peak_memory(worker.backbone.device))
-        except PipelineError as exc:
-            if on_error != "skip":
-                raise
-            store.mark_skipped(worker.root, index, str(exc))
-            skipped.append((worker.key(index), str(exc)))
-        if progress:
-            progress()
+    # Held for the whole loop, not toggled per image: OpenBLAS's threads, woken by a restored limit, spin
+    # on the cores the next forward pass needs.
+    with codecs.one_blas_thread:
+        for index in indices:
+            start = time.perf_counter()
+            if worker.backbone.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(worker.backbone.device)
+            try:
+                maps = worker.maps(index)
+                store.write_image(index, [(array, maps[(layer, name)]) for layer, array, name in worker.lay_out(maps)])
+                store.mark_done(worker.root, index, time.perf_counter() - start, peak_memory(worker.backbone.device))
+            except PipelineError as exc:
+                if on_error != "skip":
+                    raise
+                store.mark_skipped(worker.root, index, str(exc))
+                skipped.append((worker.key(index), str(exc)))
+            if progress:
+                progress()
     return skipped
