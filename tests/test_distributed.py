@@ -42,6 +42,20 @@ def test_distributed_extract_writes_the_single_process_store(client, demo_stores
     assert store_files(out) == store_files(reference)
 
 
+def test_distributed_pca_extract_fits_on_a_worker_and_writes_the_single_process_store(client, demo_stores, tmp_path):
+    """pca:K's fit runs on a worker (client.submit), then the workers write with its axes: the same bytes as
+    one process (axes in the metadata, every chunk)."""
+    params = BackboneParams(kind="sd3", model=demo_stores["models"]["tiny-sd3"], latents="tiny-sd3",
+                            layers=["transformer_blocks.1", "transformer_blocks.3"], timesteps=[261], ensemble=1,
+                            storage="pca:16", fit_images=8)
+    latents = demo_stores["latents"]["tiny-sd3"]
+    single = extract(params, "tiny-sd3", latents, tmp_path / "single.zarr")
+    distributed = extract(params, "tiny-sd3", latents, tmp_path / "distributed.zarr", client=client)
+    files = store_files(single)
+    assert any(name.endswith("features/zarr.json") and b"dift_cache.layer_pca" in data for name, data in files.items())
+    assert store_files(distributed) == files
+
+
 def test_shards_cover_every_item_once_in_order():
     items = list(range(37))
     shards = cluster.shards(items, workers=3)
