@@ -253,8 +253,9 @@ def pca_encode(values: np.ndarray, basis: Basis) -> bytes:
     cells16 = values.reshape(-1, values.shape[-1])
     cells = cast(cells16, np.float32)
     encoder, column_sums = basis.encoder
-    # The other channels' sums are all channels' less the exact ones', in float64 (exact products of float16
-    # values, so the outsized channels cancel out without loss); no copy of the other channels is made.
+    # The other channels' sums are all channels' less the exact ones', in float64: float16 values multiply
+    # exactly there, and the outsized channels' squares (at most 65504^2) leave ~1e-16 of themselves behind
+    # when subtracted. No copy of the other channels is made.
     exact = cells[:, list(basis.exact)].astype(np.float64)
     others = cells.shape[1] - exact.shape[1]
     means = (cells.sum(axis=1, dtype=np.float64) - exact.sum(axis=1)) / others
@@ -262,8 +263,8 @@ def pca_encode(values: np.ndarray, basis: Basis) -> bytes:
     stds = np.sqrt(np.maximum(squares - means**2, 0.0))
     # A float32 product (float16 values, int16 levels: ~1/65,000 of a component's range, far above float32's
     # rounding); BLAS splits a product's rows and columns among threads, never a sum, so the bytes are the
-    # same whatever the threads (here one: `one_blas_thread`). Each cell's mean over the other channels is taken out of its coefficients (the axes are orthogonal to
-    # it up to their float16 rounding).
+    # same whatever the threads (here one: `one_blas_thread`). Each cell's mean over the other channels is
+    # taken out of its coefficients (the axes are orthogonal to it up to their float16 rounding).
     with one_blas_thread:
         coefficients = cells @ encoder - np.outer(means, column_sums)
     scales = (np.abs(coefficients).max(axis=0) / 32767.0).astype(np.float32)
