@@ -139,6 +139,11 @@ class Basis:
         full[self.others(len(full))] = self.projection
         return full, full.sum(axis=0, dtype=np.float64)
 
+    @functools.cached_property
+    def axes32(self) -> np.ndarray:
+        """The axes as float32, once per basis rather than once per decoded chunk."""
+        return self.axes.astype(np.float32)
+
 
 @dataclass(frozen=True)
 class LayerPCA(ArrayBytesCodec):
@@ -284,7 +289,7 @@ def pca_decode(data: bytes, shape, basis: Basis) -> np.ndarray:
         offset += np.dtype(dtype).itemsize * count
     scales, levels, kept, means, stds = parts
     with one_blas_thread:
-        other = (levels.reshape(n, k) * scales) @ basis.axes.astype(np.float32)
+        other = (levels.reshape(n, k) * scales) @ basis.axes32
     # Shift and scale the reconstructed channels to their exact mean and std: with the exact channels kept
     # as they are, each cell's mean and std over all C (LayerNorm's) are exact too.
     centre = other.mean(axis=1)
