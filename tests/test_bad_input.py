@@ -283,6 +283,24 @@ def test_full_disk_fails_in_one_line_keeps_finished_images_and_resumes(demo_stor
     assert store_files(out) == store_files(reference)
 
 
+def test_an_images_other_writes_end_before_its_failed_write_is_raised(tmp_path):
+    """store.write_image writes an image's arrays concurrently: when one fails (a full disk), the error
+    comes only once the others have ended, so that none is still writing when the run gives up its lock."""
+
+    class FailingArray:  # fails at once, while the large write below is still encoding
+        class async_array:
+            @staticmethod
+            async def setitem(index, values):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = zarr.open_group(tmp_path / "writes.zarr", mode="w")
+    large = root.create_array("large", shape=(2, 1024, 1024), dtype="float32", chunks=(1, 256, 1024))
+    values = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    with pytest.raises(OSError):
+        store.write_image(1, [(FailingArray, np.zeros(1)), (large, values)])
+    np.testing.assert_array_equal(large[1], values)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """The VAE-latent backbone gives +inf features for every 'blob' image (as a float16 overflow would)."""

@@ -56,6 +56,33 @@ def test_the_codecs_casts_are_numpys_bit_for_bit():
     assert codecs.cast(halves.reshape(-1, 2)[:, 0], np.float32).dtype == np.float32  # strided input
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc")
+def test_a_cast_in_zarrs_worker_threads_starts_no_threads_of_its_own():
+    """Zarr codes chunks in worker threads. A cast over many of torch's grains runs on the calling thread
+    (codecs.cast), where torch's own parallel cast starts an OpenMP team in each such thread, whose spinning
+    threads take the cores the rest of the extraction needs."""
+    import threading
+
+    import torch
+
+    values = np.random.default_rng(0).standard_normal(10 * codecs.TORCH_GRAIN + 7).astype(np.float16)
+    started = {}
+
+    def count_threads_started(name, cast):
+        cast(values[:8])  # torch's per-thread setup
+        before = len(list(Path("/proc/self/task").iterdir()))
+        cast(values)
+        started[name] = len(list(Path("/proc/self/task").iterdir())) - before
+
+    for name, cast in [("codecs", lambda v: codecs.cast(v, np.float32)), ("torch", lambda v: torch.from_numpy(v).float())]:
+        worker = threading.Thread(target=count_threads_started, args=(name, cast))
+        worker.start()
+        worker.join()
+    if not started["torch"]:
+        pytest.skip("torch's parallel cast starts no thread on this build: nothing to tell apart")
+    assert started["codecs"] == 0
+
+
 def test_chunks_are_coded_on_one_blas_thread_until_the_last_one_ends():
     """OneBlasThread: numpy's BLAS runs one thread while any chunk codes, and gets its threads back only
     when the last concurrent coder ends (threadpoolctl's limits are per process)."""

@@ -21,6 +21,7 @@ next run tries it again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -30,12 +31,12 @@ import os
 import shutil
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.sync import sync
 
 from pipeline.cache import codecs
 from pipeline.errors import PipelineError
@@ -180,12 +181,30 @@ def ensure_layer(root: zarr.Group, name: str, arrays: dict[str, tuple[tuple[str,
     return node
 
 
+LARGE_ROW = 1 << 20  # bytes: write_image writes the rows of arrays this large at most one per core
+
+
 def write_image(index: int, writes: list[tuple[zarr.Array, np.ndarray]]) -> None:
-    """Write one image's row of each array, all at once: their chunks encode (zstd, and a lossy storage's
-    codec) on every core rather than one after another."""
-    with ThreadPoolExecutor(max_workers=max(1, min(len(writes), os.cpu_count() or 1))) as pool:
-        for written in [pool.submit(array.__setitem__, index, values) for array, values in writes]:
-            written.result()
+    """Write one image's row of each array in one trip to Zarr's event loop, their chunks encoded (zstd, and
+    a lossy storage's codec) in Zarr's worker threads. Small chunks all at once: their cost is hand-offs
+    between threads (~2 ms an array written alone), which overlap. Large ones (LARGE_ROW) one per core:
+    their cost is encoding, and more at once only fight over caches (2 CPUs, real-size SD3-medium: ~10%)."""
+
+    async def write_all():
+        cores = asyncio.Semaphore(os.cpu_count() or 1)
+
+        async def write(array, values):
+            if values.nbytes < LARGE_ROW:
+                return await array.async_array.setitem(index, values)
+            async with cores:
+                await array.async_array.setitem(index, values)
+
+        # Every write ends before a failure is raised: none is left running under a released lock.
+        for outcome in await asyncio.gather(*(write(array, values) for array, values in writes), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    sync(write_all())
 
 
 @contextlib.contextmanager
