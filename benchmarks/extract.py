@@ -5,7 +5,8 @@ Prints, from one run, medians over --repeats:
       (one forward per timestep captures every layer: expect ~2 single runs, not 8);
   (b) SD3: extracting an early block vs the last block (the forward stops after the deepest layer);
   (c) the store-writing overhead: extract() vs the bare forward loop over the same inputs;
-  (d) the cost of a lossy `storage` (--storage, each): SD3 extracting every block, against float16.
+  (d) the cost of a lossy `storage` (--storage, each): SD3 extracting every block, against float16, and its
+      part in writing; a real-size SD3-medium image's write.
 
     python benchmarks/extract.py [--images 8] [--canvas 256] [--repeats 3] [--device cpu]
         [--storage pca:256 --storage pca:64 ...] [--storage-only]
@@ -129,15 +130,41 @@ def main() -> None:
     blocks = MID_SD3_TRANSFORMER["num_layers"]
     every = replace(sd3_params, layers=[f"transformer_blocks.{i}" for i in range(blocks)])
     lossy = args.storage or ["pca:128"]
-    # Round-robin: each round extracts with every storage in turn, so a slow spell of the machine slows
-    # them all, and each round's ratio to its own float16 run is compared.
-    rounds = [{storage: per_image(run(replace(every, storage=storage)), 1) for storage in ["float16", *lossy]}
-              for _ in range(args.repeats)]
+    # Rounds: each extracts with every storage, in an order that turns round from one round to the next, so
+    # that a slow spell of the machine, or what the run before leaves behind, hits every storage; each round's
+    # change is against its own float16 run. The extraction's writes (store.write_image) are timed apart:
+    # what a storage itself costs, without the forward passes' noise.
+    write_image, write_seconds = store.write_image, []
+
+    def timed_write(*job):
+        start = time.perf_counter()
+        write_image(*job)
+        write_seconds.append(time.perf_counter() - start)
+
+    store.write_image = timed_write
+    rounds, writes = [], []
+    for round_ in range(args.repeats):
+        order = ["float16", *lossy][:: 1 if round_ % 2 == 0 else -1]
+        seconds, writing = {}, {}
+        for storage in order:
+            write_seconds.clear()
+            seconds[storage] = per_image(run(replace(every, storage=storage)), 1)
+            writing[storage] = statistics.median(write_seconds)
+        rounds.append(seconds)
+        writes.append(writing)
+    store.write_image = write_image
     line = f"(d) SD3 all {blocks} blocks, float16 {statistics.median(r['float16'] for r in rounds):.3f} s/img"
+    written = f"    of which writing: float16 {statistics.median(w['float16'] for w in writes):.3f} s/img"
     for storage in lossy:
-        change = statistics.median(r[storage] / r["float16"] - 1 for r in rounds)
-        line += f"; {storage} {statistics.median(r[storage] for r in rounds):.3f} s/img ({100 * change:+.1f}%)"
+        changes = sorted(100 * (r[storage] / r["float16"] - 1) for r in rounds)
+        line += (f"; {storage} {statistics.median(r[storage] for r in rounds):.3f} s/img ({statistics.median(changes):+.1f}%;"
+                 f" rounds {' '.join(f'{c:+.0f}' for c in changes)})")
+        extra = statistics.median(w[storage] - w["float16"] for w in writes)
+        written += (f"; {storage} {statistics.median(w[storage] for w in writes):.3f} s/img: {1000 * extra:+.0f} ms, "
+                    f"{100 * statistics.median((w[storage] - w['float16']) / r['float16'] for w, r in zip(writes, rounds)):+.1f}% "
+                    f"of a float16 image")
     print(line + f"  (median of per-round changes; target <= +10%; {os.cpu_count()} CPUs)", flush=True)
+    print(written, flush=True)
     # pca:K first runs its fit sample (fit_images forward passes, not stored) and takes in their moments.
     import pipeline.cache.extract as extraction
 
@@ -154,8 +181,8 @@ def main() -> None:
     print(f"    pca:128's fit on {args.images} images: {fit_seconds[0] / args.images:.3f} s/img (forward pass and "
           f"moments; a store runs it on fit_images of its images); moments of one real-size SD3-medium image "
           f"(24 blocks): {real_size_moments():.2f} s", flush=True)
-    writes = [{storage: real_size_writes(storage, args.images) for storage in ["float16", *lossy]}
-              for _ in range(args.repeats)]
+    writes = [{storage: real_size_writes(storage, args.images) for storage in ["float16", *lossy][:: 1 if r % 2 == 0 else -1]}
+              for r in range(args.repeats)]
     line = (f"    writing one real-size SD3-medium image (24 blocks x 48 x 48 x 1536): float16 "
             f"{statistics.median(w['float16'] for w in writes):.3f} s")
     for storage in lossy:
