@@ -74,10 +74,15 @@ def test_a_cast_in_zarrs_worker_threads_starts_no_threads_of_its_own():
         cast(values)
         started[name] = len(list(Path("/proc/self/task").iterdir())) - before
 
-    for name, cast in [("codecs", lambda v: codecs.cast(v, np.float32)), ("torch", lambda v: torch.from_numpy(v).float())]:
-        worker = threading.Thread(target=count_threads_started, args=(name, cast))
-        worker.start()
-        worker.join()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as in extraction on 2 CPUs (other test modules set 1)
+    try:
+        for name, cast in [("codecs", lambda v: codecs.cast(v, np.float32)), ("torch", lambda v: torch.from_numpy(v).float())]:
+            worker = threading.Thread(target=count_threads_started, args=(name, cast))
+            worker.start()
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
     if not started["torch"]:
         pytest.skip("torch's parallel cast starts no thread on this build: nothing to tell apart")
     assert started["codecs"] == 0
