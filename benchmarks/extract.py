@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -53,9 +54,15 @@ def timed(fn, repeats: int) -> float:
 
 
 def per_image(fn, repeats: int) -> float:
-    """Median over repeats of the store's median seconds per image (model loading excluded)."""
-    return statistics.median(float(np.median(store.read_images(zarr.open_group(fn(), mode="r"))["seconds"]))
-                             for _ in range(repeats))
+    """Median over repeats of the store's median seconds per image (model loading excluded); each store is
+    deleted once read, so that a run's disk use stays that of one store."""
+    def once() -> float:
+        path = fn()
+        seconds = float(np.median(store.read_images(zarr.open_group(path, mode="r"))["seconds"]))
+        shutil.rmtree(path)
+        return seconds
+
+    return statistics.median(once() for _ in range(repeats))
 
 
 def real_size_writes(storage: str, images: int, blocks: int = 24, cells: int = 48, channels: int = 1536) -> float:
@@ -105,9 +112,12 @@ def main() -> None:
     parser.add_argument("--storage", action="append", default=None, help="(d): default pca:128")
     parser.add_argument("--storage-only", action="store_true", help="run (d) alone")
     args = parser.parse_args()
-
     hub.quiet()
-    work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as work:
+        benchmark(args, Path(work))
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> None:
     root = generate(work / "demo")
     images = load_split(root, "test").images.iloc[: args.images].reset_index(drop=True)
     sd2 = make_tiny_sd2(work / "sd2", unet_overrides=MID_SD2_UNET)
