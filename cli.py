@@ -153,7 +153,7 @@ def plan(params_file, images, as_json):
 
 
 @cli.command()
-@click.option("--encoder", required=True, help="Name under `encoders` in params.yaml.")
+@click.option("--encoder", required=True, help="Name under `encoders` (or `canvases`) in params.yaml.")
 @click.option("--store", "out", type=click.Path(path_type=Path), default=None,
               help="Latents store; default <store>/latents/<encoder>.zarr.")
 @_overwrite_option

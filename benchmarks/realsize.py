@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         params_file = project(Path(tmp), args.models, args.images, args.device)
         params = load_params(params_file)
-        for name, encoder in params.encoders.items():
+        for name, encoder in params.latent_sources().items():
             seconds, rss = stage("encode", "--params", str(params_file), "--encoder", name, cwd=REPO)
             path = params.latents_path(name)
             table = store.read_images(zarr.open_group(path, mode="r"))

@@ -55,10 +55,10 @@ def model_configs(model: str, params: Params | None = None) -> Path:
         return folder
     source = model
     if params is not None and folder.parent == Path("models"):
-        if folder.name in params.demo.models:
-            return _tiny_configs(folder.name)
         if folder.name in params.models:
             source = params.models[folder.name].source
+        if source.startswith("tiny:"):
+            return _tiny_configs(source[len("tiny:"):])
     configs = realsize.configs_for(source)
     if configs is None:
         raise PipelineError(model, None, "no config files known for this model: run its model stage first "
@@ -152,7 +152,7 @@ def make_plan(params: Params, images: int | None = None) -> dict:
     else:
         pairs = round(images * SPAIR_TEST_PAIRS_PER_IMAGE)
     stores, gpu, seconds = [], [], []
-    for name, encoder in params.encoders.items():
+    for name, encoder in params.latent_sources().items():
         attrs = latents_attrs_for(encoder, params)
         per_image = latents_bytes_per_image(encoder, attrs["latent_channels"])
         stores.append({"name": f"latents/{name}", "kind": "latents", "bytes_per_image": per_image, "images": images,

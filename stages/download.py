@@ -1,8 +1,10 @@
-"""DVC stage `download@<name>`: fetch, verify and unpack one dataset archive (params: download.<name>)."""
+"""DVC stage `download@<name>`: fetch, verify and unpack one dataset archive, or generate the demo dataset
+(params: download.<name>)."""
 
 import sys
 from pathlib import Path
 
+from pipeline import demo
 from pipeline.config import load_params
 from pipeline.data.download import DATASETS, download
 from pipeline.errors import PipelineError
@@ -12,6 +14,9 @@ from stages import run
 def main(name: str) -> None:
     spec = load_params().download[name]
     root = Path(spec.root)
+    if spec.demo is not None:
+        demo.generate(root, demo.DemoSpec(spec.demo.seed, spec.demo.sources_per_category))
+        return
     expected = DATASETS[name].folder if name in DATASETS else root.name
     if root.name != expected:
         raise PipelineError("params.yaml", f"download.{name}.root", f"the archive unpacks to {expected!r}; "

@@ -37,6 +37,23 @@ def demo_project(demo_stores, folder: Path) -> Path:
     return folder
 
 
+PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore",
+                 ".gitignore"]
+
+
+def copy_project(root: Path) -> Path:
+    """The project's code, dvc.yaml and params.yaml (no outputs) copied into a new folder `root`."""
+    root.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, root / name)
+    return root
+
+
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store except per-image timings, which measure the machine, not the features."""
     timing = ("images/seconds", "images/peak_memory")

@@ -154,7 +154,7 @@ def test_an_image_resized_to_half_fails_naming_it_both_sizes_and_its_pairs(root)
     assert sorted(split.skipped["pair"]) == using and len(split.pairs) == len(fine.pairs) - len(using)
 
 
-# Ten malformed parameter files, each with the one-line errors it must give (all of them, before any work).
+# Malformed parameter files, each with the one-line errors it must give (all of them, before any work).
 BAD_PARAMS = [
     ("backbones.sd2.layers", "up_blocks.1",
      ["backbones.sd2.layers: expected a non-empty list of strings, got 'up_blocks.1'"]),
@@ -168,12 +168,15 @@ BAD_PARAMS = [
     ("backbones.sd2.layer", ["up_blocks.1"], ["backbones.sd2.layers: missing: a non-empty list of strings is required",
                                               "backbones.sd2.layer: unknown parameter; did you mean 'layers'?"]),
     ("matchh", {}, ["matchh: unknown parameter; did you mean 'match'?"]),
-    ("encoders.pixels.canvas", 225, [
-        "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which clip needs (its patch; backbones.clip)",
-        "encoders.pixels.canvas: 225 px is not a multiple of 14 px, which dinov2 needs (its patch; backbones.dinov2)"]),
+    ("canvases.pixels.canvas", 225, [
+        "canvases.pixels.canvas: 225 px is not a multiple of 14 px, which clip needs (its patch; backbones.clip)",
+        "canvases.pixels.canvas: 225 px is not a multiple of 14 px, which dinov2 needs (its patch; backbones.dinov2)"]),
     ("backbones.sd3.storage", "int4", ["backbones.sd3.storage: expected float16, float16-shuffle or pca:<K>, got 'int4'"]),
     ("backbones.sd2.latents", "tiny-sd9",
-     ["backbones.sd2.latents: no encoder named 'tiny-sd9'; encoders has ['pixels', 'tiny-flux', 'tiny-sd2', 'tiny-sd3']"]),
+     ["backbones.sd2.latents: no encoder or canvas named 'tiny-sd9'; encoders has ['tiny-flux', 'tiny-sd2', 'tiny-sd3'], "
+      "canvases ['pixels']"]),
+    ("encoders.tiny-sd2.kind", "pixels", ["encoders.tiny-sd2.kind: a store of the canvas itself is a `canvases` entry "
+                                          "({canvas: ..., canvas_mode: ...})"]),
 ]
 
 

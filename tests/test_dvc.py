@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import copy_project
 
-PROJECT_FILES = ["pipeline", "stages", "cli.py", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore",
-                 ".gitignore"]
 
 
 def _run(cwd, *args):
@@ -26,23 +23,16 @@ def _run(cwd, *args):
 
 @pytest.fixture
 def project(tmp_path):
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, root / name)
+    root = copy_project(tmp_path / "project")
     # DVC's bookkeeping is what is under test: two backbones on one tiny model keep it to a few minutes
     # (the whole demo runs in the README's quickstart).
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbones"] = {name: params["backbones"][name] for name in ("sd3", "vae-sd3")}
     params["backbones"]["sd3"] |= {"layers": ["transformer_blocks.1", "transformer_blocks.3"], "timesteps": [261]}
-    params["demo"]["sources_per_category"] = 1  # 15 images
+    params["download"]["demo"]["demo"]["sources_per_category"] = 1  # 15 images
     params["encoders"] = {"tiny-sd3": params["encoders"]["tiny-sd3"]}
-    params["demo"]["models"] = {"tiny-sd3": params["demo"]["models"]["tiny-sd3"]}
+    params["canvases"] = {}
+    params["models"] = {"tiny-sd3": params["models"]["tiny-sd3"]}
     params["match"]["transforms"] = {k: v for k, v in params["match"]["transforms"].items() if k in params["backbones"]}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
@@ -68,8 +58,8 @@ def test_repro_then_noop_then_only_dependents(project):
     dvc = (sys.executable, "-m", "dvc")
     first = _run(project, *dvc, "repro")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["demo"]["models"] and not params["models"]  # the demo's models are its own tiny ones
-    expected = {"demo", "prepare"} | {f"demo-model@{m}" for m in params["demo"]["models"]} \
+    assert all(model["source"].startswith("tiny:") for model in params["models"].values())  # the demo's own
+    expected = {"download@demo", "prepare"} | {f"model@{m}" for m in params["models"]} \
         | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]} \
         | {f"match@{b}" for b in params["backbones"]} | {"evaluate", "report"}
     assert _stages_run(first) == expected
@@ -90,6 +80,9 @@ def test_repro_then_noop_then_only_dependents(project):
     params["backbones"]["vae-sd3"]["latent"] = "sample"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert (project / "reports" / "index.md").is_file() and (project / "metrics" / "pck.json").is_file()
-    assert _stages_run(_run(project, *dvc, "repro")) == {"extract@vae-sd3", "match@vae-sd3", "evaluate", "report"}
+    # model@ reads `backbones` (which components to fetch): it runs, keeps or rebuilds the same bytes, and
+    # nothing downstream of the folder runs again.
+    assert _stages_run(_run(project, *dvc, "repro")) == {"model@tiny-sd3", "extract@vae-sd3", "match@vae-sd3",
+                                                         "evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])

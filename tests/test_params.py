@@ -9,17 +9,20 @@ from pipeline.config import load_params
 from pipeline.errors import PipelineError
 
 
-@pytest.mark.parametrize("path", [REPO / "params.yaml", REPO / "profiles" / "spair71k.yaml"])
+PROFILES = [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.name for p in PROFILES])
 def test_profile_is_consistent(path):
     params = load_params(path)
     assert params.backbones
-    model_dirs = {f"models/{name}" for name in [*params.models, *params.demo.models]}
+    model_dirs = {f"models/{name}" for name in params.models}
     for name, encoder in params.encoders.items():
-        assert encoder.kind == "pixels" or encoder.model in model_dirs, name
+        assert encoder.kind == "vae" and encoder.model in model_dirs, name
     for name, backbone in params.backbones.items():
-        assert backbone.latents in params.encoders, name
         assert backbone.model in model_dirs, name
-        pixels = params.encoders[backbone.latents].kind == "pixels"
+        pixels = backbone.latents in params.canvases
+        assert pixels or backbone.latents in params.encoders, name
         assert pixels == (backbone.kind in ("dinov2", "clip")), name
     assert set(params.match.transforms) <= set(params.backbones)
     for name, spec in params.download.items():

@@ -36,6 +36,7 @@ PALETTE = np.array(
 class DemoSpec:
     seed: int = 0
     sources_per_category: int = 2
+    sizes: tuple[tuple[int, int], ...] = SOURCE_SIZES  # (W, H) of the drawn sources, in turn (SPair's: ~500 x 375)
 
 
 def _shape(category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +207,7 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
         for i in range(spec.sources_per_category):
             name = f"demo_{c}{i:02d}00"
             pixels, mask, outline, keypoints = _draw_source(
-                category, SOURCE_SIZES[(c + i) % len(SOURCE_SIZES)], rng
+                category, spec.sizes[(c + i) % len(spec.sizes)], rng
             )
             writer.image(category, name, pixels, mask, outline, keypoints, np.ones(len(keypoints), bool))
             writer.pair("test", category, name, name, 0, {"kind": "identity", "matrix": np.eye(3).tolist()})

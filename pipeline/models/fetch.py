@@ -1,6 +1,6 @@
-"""models/<name>: a pipeline folder, either built here (a real architecture with random weights) or a
-snapshot of a hub repository at a pinned revision, holding only what is used. (The demo's tiny models are
-built by their own stage, stages/demo_model.py.)
+"""models/<name>: a pipeline folder, either built here (a real architecture with random weights, or one of
+the demo's tiny random models) or a snapshot of a hub repository at a pinned revision, holding only what is
+used.
 
 What is used is derived from params.yaml: the VAE of every encoder that names the folder, and each
 backbone's components (sd2: tokenizer, text encoder, U-Net, scheduler; sd3: CLIP-L, CLIP-G, T5 with
@@ -25,6 +25,7 @@ BACKBONE_COMPONENTS = {
     "sd3": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
     "flux": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
 }
+TINY = "tiny:"  # the demo's tiny random models (pipeline/demo/tiny_models.py)
 MARKER = ".dift-cache-source.json"  # what made the folder: source, revision, seed
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
                 "model.safetensors", "model-*-of-*.safetensors")
@@ -77,8 +78,8 @@ def is_complete(out: Path, needed: list[str]) -> bool:
 
 def materialise(source: str, out: str | Path, seed: int = 0, revision: str | None = None,
                 needed: list[str] | None = None) -> Path:
-    """Write the pipeline folder `out` from `source`: `realsize:<name>` (rebuilt each time: deterministic),
-    or a hub id (only the `needed` components).
+    """Write the pipeline folder `out` from `source`: `realsize:<name>` or `tiny:<name>` (rebuilt each time:
+    deterministic), or a hub id (only the `needed` components).
 
     `out` records what made it (MARKER). A hub folder from the same source and revision that holds every
     needed component is kept; any other folder this stage made is replaced (removed first: it may hold
@@ -88,7 +89,7 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
     hub.quiet()
     needed = needed or []
     origin = {"source": source, "revision": revision, "seed": seed}
-    built_here = source.startswith(realsize.REALSIZE)
+    built_here = source.startswith((realsize.REALSIZE, TINY))
     if (out / MARKER).exists():
         found = json.loads((out / MARKER).read_text())
         if built_here or {k: found.get(k) for k in origin} != origin:
@@ -105,12 +106,23 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
     if source in realsize.MOVED:
         raise PipelineError(source, None, f"removed from the Hugging Face hub; its files are mirrored at "
                                           f"{realsize.MOVED[source]!r}: use that `source:`")
-    if built_here:
+    if source.startswith(TINY):
+        _make_tiny(source[len(TINY):], out, seed)
+    elif built_here:
         realsize.make_realsize(source[len(realsize.REALSIZE):], out, seed)
     else:
         _fetch(source, out, revision, needed)
     (out / MARKER).write_text(json.dumps(origin) + "\n")
     return out
+
+
+def _make_tiny(name: str, out: Path, seed: int) -> None:
+    from pipeline.demo import tiny_models  # the test fixtures: only this stage imports them
+
+    if name not in tiny_models.TINY_BUILDERS:
+        raise PipelineError("params.yaml", "models", f"unknown tiny model {TINY + name!r}; expected one of "
+                                                     f"{[TINY + known for known in sorted(tiny_models.TINY_BUILDERS)]}")
+    tiny_models.make_tiny(name, out, seed)
 
 
 def _fetch(source: str, out: Path, revision: str | None, needed: list[str]) -> None:
