@@ -86,3 +86,13 @@ def test_repro_then_noop_then_only_dependents(project):
                                                          "evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])
+
+    # A partial study: a backbone not matched yet is left out of evaluate and report, and named.
+    (project / "predictions" / "vae-sd3.parquet").unlink()
+    partial = subprocess.run((*dvc, "repro", "-s", "evaluate", "report"), cwd=project, capture_output=True, text=True,
+                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert partial.returncode == 0, partial.stdout + partial.stderr
+    assert "not matched yet, left out: vae-sd3" in partial.stderr
+    assert sorted(p.name for p in (project / "metrics" / "best").iterdir()) == ["sd3.json"]
+    assert set(pd.read_csv(project / "metrics" / "pck.csv")["backbone"]) == {"sd3"}
+    assert "vae-sd3" not in (project / "reports" / "index.md").read_text()

@@ -37,6 +37,7 @@ class DemoSpec:
     seed: int = 0
     sources_per_category: int = 2
     sizes: tuple[tuple[int, int], ...] = SOURCE_SIZES  # (W, H) of the drawn sources, in turn (SPair's: ~500 x 375)
+    categories: tuple[str, ...] = CATEGORIES  # a subset of CATEGORIES
 
 
 def _shape(category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +204,8 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     writer = _Writer(root)
     warps: dict[str, dict] = {}
     for c, category in enumerate(CATEGORIES):
+        if category not in spec.categories:
+            continue
         sources = []
         for i in range(spec.sources_per_category):
             name = f"demo_{c}{i:02d}00"
