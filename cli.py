@@ -107,20 +107,42 @@ def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_
                f"{tables.pairs['kps_ids'].map(len).sum()} keypoints -> {out}, {images_out}")
 
 
+LOOKUPS = Path("lookups")  # where the CLI's look-ups write by default: no stage's output (git-ignored)
+
+
+def _not_the_studys(path: Path, overwrite: bool) -> Path:
+    """`path`, unless it is (or lies inside) an output of the pipeline that dvc.lock records: a look-up must
+    not rewrite the study behind DVC's back, short of --overwrite."""
+    lock = Path("dvc.lock")
+    if overwrite or not lock.exists():
+        return path
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    target = path.resolve()
+    for out in (Path(out["path"]) for stage in stages.values() for out in stage.get("outs", [])):
+        if target == out.resolve() or out.resolve() in target.parents:
+            raise PipelineError(path, None, f"an output of the pipeline (dvc.lock: {out.as_posix()}); write "
+                                            "elsewhere, or pass --overwrite to replace it")
+    return path
+
+
 @cli.command()
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=Path("metrics/pck.json"),
+@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=LOOKUPS / "pck.json",
               show_default=True)
-@click.option("--table", "table_path", type=click.Path(path_type=Path), default=Path("metrics/pck.csv"),
+@click.option("--table", "table_path", type=click.Path(path_type=Path), default=LOOKUPS / "pck.csv",
               show_default=True)
+@click.option("--overwrite", is_flag=True, help="Allow writing over an output of the pipeline (e.g. metrics/pck.json).")
 @_threshold_option
 @_dask_options
 @_params_option
-def evaluate(predictions, metrics_path, table_path, thresholds, scheduler, workers, params_file):
+def evaluate(predictions, metrics_path, table_path, overwrite, thresholds, scheduler, workers, params_file):
     """PCK of one or more predictions tables (parquet)."""
     from pipeline.evaluation import metrics
 
     params = _settings(params_file)
+    metrics_path, table_path = (_not_the_studys(path, overwrite) for path in (metrics_path, table_path))
     with _cluster(params, scheduler, workers) as client:
         table = metrics.score_files(predictions, client, thresholds=thresholds or params.match.thresholds)
     metrics.write_metrics(table, metrics_path, table_path)
@@ -263,12 +285,14 @@ def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, de
 @click.option("--timestep", type=int, default=None, help="Timestep; default each store's first.")
 @click.option("--pair", "pair_name", default=None, help="Pair file name (without .json); default the first cross-instance pair.")
 @click.option("--keypoint", type=int, default=0, show_default=True, help="Index of the query keypoint in the pair.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/heatmap.png"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=LOOKUPS / "heatmap.png", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Allow writing into an output of the pipeline (e.g. reports/).")
 @_params_option
-def show(stores, layers, timestep, pair_name, keypoint, out, params_file):
+def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_file):
     """Heatmaps: the query on the source, the cosine map on the target, per store and layer."""
     import pandas as pd
 
+    _not_the_studys(out, overwrite).parent.mkdir(parents=True, exist_ok=True)
     from pipeline.cache.maps import StoreMaps
     from pipeline.evaluation.figures import Variant, heatmaps
 

@@ -57,3 +57,30 @@ def test_plan_takes_matching_time_from_the_benchmark(tmp_path, monkeypatch):
     assert plan.match_seconds("geoaware", "basic", "cpu")[0] == 0.0002
     seconds, basis = plan.match_seconds("dift", "basic", "cuda")
     assert seconds == 0.002 and "upper bound" in basis  # no CUDA figure: the CPU's
+
+
+def test_look_ups_never_rewrite_the_study(tmp_path, monkeypatch):
+    """`evaluate` and `show` write to lookups/ by default, and refuse a path dvc.lock records as a stage's output
+    (metrics/pck.json, anything under reports/) unless --overwrite."""
+    frame = pd.DataFrame({"pair": ["a"], "category": ["x"], "trg_x": [0], "trg_y": [0], "pred_x": [0], "pred_y": [0],
+                          "threshold": [100.0], "image_size": [200.0], "layer": ["l"]})
+    frame.to_parquet(tmp_path / "p.parquet")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "pck.json").write_text("the study's\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  evaluate:\n    outs:\n    - path: metrics/pck.json\n"
+                                       "  report:\n    outs:\n    - path: reports\n")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["evaluate", "p.parquet"]).exit_code == 0
+    assert (tmp_path / "lookups" / "pck.csv").is_file()
+    assert (tmp_path / "metrics" / "pck.json").read_text() == "the study's\n"
+
+    refused = runner.invoke(cli, ["evaluate", "p.parquet", "--metrics", "metrics/pck.json"])
+    assert refused.exit_code == 2
+    assert refused.output.strip() == ("error: metrics/pck.json: an output of the pipeline (dvc.lock: metrics/pck.json); "
+                                      "write elsewhere, or pass --overwrite to replace it")
+    assert (tmp_path / "metrics" / "pck.json").read_text() == "the study's\n"
+    inside = runner.invoke(cli, ["show", "--store", "absent.zarr", "--out", "reports/x.png"])
+    assert inside.exit_code == 2 and "dvc.lock: reports" in inside.output
+    assert runner.invoke(cli, ["evaluate", "p.parquet", "--metrics", "metrics/pck.json", "--overwrite"]).exit_code == 0
+    assert (tmp_path / "metrics" / "pck.json").read_text() != "the study's\n"
