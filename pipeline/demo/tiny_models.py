@@ -258,10 +258,17 @@ def _save_tokenizer_vocab_too(pipeline_dir: Path, subfolders: tuple[str, ...]) -
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    # Fork the CPU RNG so building a tiny model does not perturb the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    # Fork the CPU RNG so building a tiny model does not perturb the caller's random stream. One thread: a
+    # multi-threaded sin/cos split the SD3 position table differently between runs, moving a value by one ulp,
+    # so that a rebuilt model@ folder (same seed) changed its hash and re-ran every stage below it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _build(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
