@@ -49,6 +49,7 @@ def model_configs(model: str, params: Params | None = None) -> Path:
     """A folder of config files for `model` (a folder or hub id as backbones name it): the folder itself
     once it exists, else what its `models:` entry will produce."""
     from pipeline.models import realsize
+    from pipeline.models.fetch import TINY
 
     folder = Path(model)
     if (folder / "model_index.json").exists() or (folder / "config.json").exists():
@@ -57,8 +58,8 @@ def model_configs(model: str, params: Params | None = None) -> Path:
     if params is not None and folder.parent == Path("models"):
         if folder.name in params.models:
             source = params.models[folder.name].source
-        if source.startswith("tiny:"):
-            return _tiny_configs(source[len("tiny:"):])
+        if source.startswith(TINY):
+            return _tiny_configs(source[len(TINY):])
     configs = realsize.configs_for(source)
     if configs is None:
         raise PipelineError(model, None, "no config files known for this model: run its model stage first "
