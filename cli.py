@@ -230,8 +230,8 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
               help="Pairs table; default data.pairs in params.yaml.")
 @click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
 @click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
-@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["dift", "geoaware"]),
-              help="dift (DIFT's) or geoaware (sd-dino / GeoAware-SC's), repeatable; default match.protocols.")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["dift", "geoaware", "sd-dino"]),
+              help="dift (DIFT's), geoaware (GeoAware-SC's) or sd-dino (sd-dino's), repeatable; default match.protocols.")
 @_threshold_option
 @click.option("--statistics", type=click.Choice(["none", "basic", "all"]), default=None,
               help="Similarity statistics per keypoint; default match.statistics.")

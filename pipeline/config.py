@@ -70,7 +70,7 @@ class EncoderParams:
     model: str = ""  # the pipeline folder or hub id whose VAE encodes; none for a canvas
     kind: Literal["vae", "pixels"] = "vae"  # vae: posterior mean and std; pixels: the canvas itself
     canvas: Annotated[int, Field(ge=8, strict=True)] = 768
-    canvas_mode: Literal["squash", "pad"] = "squash"
+    canvas_mode: Literal["squash", "pad", "center"] = "squash"
     dtype: Dtype = "float32"
     device: Device = "cpu"
 
@@ -81,7 +81,7 @@ class CanvasParams:
 
     __pydantic_config__ = SCHEMA
     canvas: Annotated[int, Field(ge=8, strict=True)] = 224
-    canvas_mode: Literal["squash", "pad"] = "squash"
+    canvas_mode: Literal["squash", "pad", "center"] = "squash"
 
     def encoder(self) -> EncoderParams:
         return EncoderParams(kind="pixels", canvas=self.canvas, canvas_mode=self.canvas_mode)
@@ -131,9 +131,10 @@ class ModelParams:
 @dataclass(frozen=True)
 class MatchParams:
     __pydantic_config__ = SCHEMA
-    # dift: DIFT's evaluation (upsampled maps, pixel argmax); geoaware: sd-dino / GeoAware-SC's (patch grid,
-    # patch centres, strict <). Each is a variant: both score side by side from one store.
-    protocols: Annotated[list[Literal["dift", "geoaware"]], Field(min_length=1)] = field(default_factory=lambda: ["dift"])
+    # dift: DIFT's evaluation (upsampled maps, pixel argmax); geoaware: GeoAware-SC's (patch grid, hard
+    # argmax, patch centres, strict < in its canvas, float32); sd-dino: the same with sd-dino's prediction
+    # (half a pixel up-left of the centre). Each is a variant: all score side by side from one store.
+    protocols: Annotated[list[Literal["dift", "geoaware", "sd-dino"]], Field(min_length=1)] = field(default_factory=lambda: ["dift"])
     # PCK normalised by bbox side and/or image side (img)
     thresholds: Annotated[list[Literal["bbox", "img"]], Field(min_length=1)] = field(default_factory=lambda: ["bbox"])
     statistics: Literal["none", "basic", "all"] = "basic"  # none | basic (sim_max, sim_mean, sim_std) | all (+ entropy, peak ratio: slower)
@@ -179,6 +180,16 @@ class DaskParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """The study's report (`evaluate` and `report` stages): its uncertainty, and what its figures show."""
+
+    __pydantic_config__ = SCHEMA
+    resamples: Annotated[int, Field(ge=100, strict=True)] = 1000  # paired bootstrap over pairs: 95% intervals of each best variant and of the differences between backbones
+    seed: Seed = 0  # of the bootstrap's resampling
+    shown: dict[str, list[str]] = field(default_factory=dict)  # per backbone: layers shown beside its best variant in the heatmaps and histograms (at its best timestep and transform), e.g. the seed study's SD3 blocks
+
+
+@dataclass(frozen=True)
 class Params:
     __pydantic_config__ = SCHEMA
     data: DataParams = DataParams()
@@ -190,6 +201,7 @@ class Params:
     download: dict[str, DownloadParams] = field(default_factory=dict)  # the demo's: generated, not fetched
     dask: DaskParams = DaskParams()
     fidelity: FidelityParams = FidelityParams()
+    report: ReportParams = ReportParams()
     on_error: Literal["fail", "skip"] = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
     check_disk: Bool = True  # encode/extract refuse to start when their store cannot fit on its disk
@@ -397,6 +409,11 @@ def consistency_problems(params: Params) -> list[tuple[str, str]]:
     for name in params.match.transforms:
         if name not in params.backbones:
             problems.append((f"match.transforms.{name}", f"no backbone named {name!r}; backbones has {sorted(params.backbones)}"))
+    for name, layers in params.report.shown.items():
+        if name not in params.backbones:
+            problems.append((f"report.shown.{name}", f"no backbone named {name!r}; backbones has {sorted(params.backbones)}"))
+        elif unknown := [layer for layer in layers if layer not in params.backbones[name].layers]:
+            problems.append((f"report.shown.{name}", f"{unknown[0]!r} is not among backbones.{name}.layers"))
     return problems
 
 

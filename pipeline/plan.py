@@ -116,7 +116,7 @@ def match_seconds(protocol: str, statistics: str, device: str) -> tuple[float, s
     for wanted, basis in ((kind, f"benchmarks/match.py on {kind}"), ("cpu", fallback)):
         rows = [r for r in measured if r["device"] == wanted and (wanted == "cuda" or r["threads"] == 2)]
         if rows:
-            column = "geoaware" if protocol == "geoaware" else "exact_no_stats" if statistics == "none" else "exact"
+            column = "geoaware" if protocol in ("geoaware", "sd-dino") else "exact_no_stats" if statistics == "none" else "exact"
             return rows[0][column], basis
     return MATCH_SECONDS_PER_PAIR, "the unbatched dift on 2 CPU cores: no benchmarks/results/match.json"
 

@@ -1,11 +1,15 @@
-"""DVC stage `evaluate`: PCK of every backbone's predictions -> metrics and plot tables. A backbone not
+"""DVC stage `evaluate`: PCK of every backbone's predictions, each backbone's best variant with its bootstrap
+interval, the differences between backbones and the breakdowns by difficulty -> metrics/. A backbone not
 matched yet (a partial study: `dvc repro -s match@sd3 evaluate report`) is left out, and named."""
 
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline import cluster
 from pipeline.evaluation import metrics
+from pipeline.evaluation.findings import Findings
 from pipeline.config import load_params
 from stages import run
 
@@ -19,10 +23,9 @@ def main() -> None:
     paths = [path for path in paths.values() if path.exists()]
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         table = metrics.score_files(paths, client, thresholds=params.match.thresholds)
-    metrics.write_metrics(table, "metrics/pck.json", "metrics/pck.csv", best_dir=metrics.BEST_DIR)
-    by_layer, by_timestep = metrics.curve_tables(table)
-    by_layer.to_csv("metrics/pck_vs_layer.csv", index=False, float_format="%.6f")
-    by_timestep.to_csv("metrics/pck_vs_timestep.csv", index=False, float_format="%.6f")
+    findings = Findings.compute(table, paths, pd.read_parquet(params.data.pairs), params.report.resamples,
+                                params.report.seed)
+    findings.write()
     print(metrics.format_headline(table))
 
 

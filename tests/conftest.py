@@ -20,8 +20,8 @@ def identity_pairs_scored_exactly(path, predictions) -> bool:
     maps = StoreMaps(path)
     image = maps.images.loc[predictions["trg_image"]]
     stride = predictions["layer"].map(lambda layer: maps.root[layer].attrs["stride"]).to_numpy()
-    half = 0.5 * np.hypot(stride * image["width"].to_numpy() / image["valid_x1"].to_numpy(),
-                          stride * image["height"].to_numpy() / image["valid_y1"].to_numpy())
+    half = 0.5 * np.hypot(stride * image["width"].to_numpy() / (image["valid_x1"] - image["valid_x0"]).to_numpy(),
+                          stride * image["height"].to_numpy() / (image["valid_y1"] - image["valid_y0"]).to_numpy())
     limit = np.where(predictions["protocol"] == "geoaware", half + 1e-9, 0.0)
     return bool((predictions["distance"].to_numpy() <= limit).all())
 

@@ -73,7 +73,7 @@ def test_repro_then_noop_then_only_dependents(project):
     stage, by_cli = (pd.read_parquet(project / name) for name in ("predictions/sd3.parquet", "cli-sd3.parquet"))
     assert set(stage["transform"]) == set(params["match"]["transforms"]["sd3"])  # not just the built-in "raw"
     pd.testing.assert_frame_equal(by_cli, stage)
-    coverage = json.loads((project / "metrics" / "pck.json").read_text())["sd3"]
+    coverage = json.loads((project / "metrics" / "pck.json").read_text())["PCK@0.1"]["sd3"]
     pairs = len(pd.read_parquet(project / "data" / "prepared" / "pairs.parquet"))
     assert {leaf["split_pairs"] for leaf in _leaves(coverage)} == {pairs}
 
@@ -86,6 +86,10 @@ def test_repro_then_noop_then_only_dependents(project):
                                                          "evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])
+    # `dvc plots show`: one plot per question, one series per backbone (not per variant).
+    for curve in ("pck_vs_depth", "pck_vs_timestep"):
+        series = pd.read_csv(project / "metrics" / "plots" / f"{curve}.csv")["series"]
+        assert set(series.str.split(" ").str[0]) == set(params["backbones"]) and series.nunique() == len(params["backbones"])
 
     # A partial study: a backbone not matched yet is left out of evaluate and report, and named.
     (project / "predictions" / "vae-sd3.parquet").unlink()

@@ -5,25 +5,9 @@ from PIL import Image
 
 from cli import cli
 from conftest import demo_project
-from pipeline.evaluation import figures, metrics
+from pipeline.evaluation import figures
 from pipeline.cache.maps import StoreMaps
 from pipeline.matching.match import match_store
-
-
-def test_report_from_cache(demo_stores, tmp_path):
-    stores = {name: str(path) for name, path in demo_stores["stores"].items()}
-    predictions = pd.concat([match_store(path, demo_stores["pairs"]) for path in stores.values()])
-    table = metrics.pck_table(predictions)
-    index = figures.write_report(tmp_path / "reports", table, metrics.curve_tables(table), stores,
-                                 demo_stores["pairs"], demo_stores["images"], demo_stores["root"])
-    text = index.read_text()
-    for name in stores:
-        assert f"| {name}" in text
-    for png in ("heatmaps", "similarity_histograms", "pck_vs_layer", "pck_vs_timestep"):
-        assert f"({png}.png)" in text
-        with Image.open(tmp_path / "reports" / f"{png}.png") as image:
-            assert image.width > 300 and image.height > 200
-    assert "seconds/image (median)" in text and "store (MiB)" in text
 
 
 def test_heatmap_peak_is_the_prediction(demo_stores):

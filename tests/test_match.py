@@ -70,7 +70,7 @@ def test_predictions_table_columns(demo_stores):
     predictions = match_store(demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"], layers=["transformer_blocks.3"])
     expected = {"split", "pair", "category", "src_image", "trg_image", "keypoint", "src_x", "src_y", "trg_x", "trg_y",
                 "pred_x", "pred_y", "distance", "threshold", "image_size", "backbone", "layer", "timestep", "protocol",
-                "transform", "dropped_channels", "sim_max", "sim_mean", "sim_std"}
+                "transform", "dropped_channels", "sim_max", "sim_mean", "sim_std", "canvas_scale", "canvas_x0", "canvas_y0"}
     assert set(predictions.columns) == expected
     full = match_store(demo_stores["stores"]["tiny-sd3"], demo_stores["pairs"], layers=["transformer_blocks.3"],
                        statistics="all")
@@ -81,6 +81,7 @@ def test_predictions_table_columns(demo_stores):
     assert set(predictions["layer"]) == {"transformer_blocks.3"}
     assert predictions["sim_entropy"].between(0, 1).all() and (predictions["sim_max"] <= 1 + 1e-5).all()
     assert not predictions.duplicated(["pair", "keypoint", "layer", "timestep"]).any()
+    assert predictions[["canvas_scale", "canvas_x0", "canvas_y0"]].isna().all().all()  # dift: judged in image pixels
 
 
 def test_cli_match_prints_per_layer_pck(demo_stores, tmp_path):

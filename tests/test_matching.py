@@ -107,6 +107,26 @@ def test_pad_mode_searches_only_the_valid_region():
     np.testing.assert_allclose(scores[0], expected, atol=2e-5)
 
 
+def test_center_mode_reads_and_searches_only_the_centred_region():
+    # Canvas 64 px, stride 8: the 100 x 50 image covers canvas rows 16..48 (cell rows 2..5), centred. DIFT's
+    # upsampling of it is the whole canvas upsampled to 100 x 100, cropped to rows 25..75.
+    rng = np.random.default_rng(7)
+    features = smooth_map(rng, 8, 8, 16)
+    features[:2] = features[6:] = features[2, 0]  # padding cells: the best match for a query of cell (2, 0)
+    target = FeatureMap(features, 100, 50, valid_x1=64.0, valid_y1=48.0, stride=8.0, valid_x0=0.0, valid_y0=16.0)
+    assert (target.rows.i0.min(), target.rows.i0.max()) == (1, 5)  # the first image row blends cell rows 1 and 2
+    naive = naive_upsample(features, 100, 100)[:, 25:75, :]
+    queries = np.concatenate([features[2, 0][None], features[rng.integers(2, 6, 20), rng.integers(0, 8, 20)]])
+    expected = F.cosine_similarity(torch.from_numpy(queries).double()[:, :, None, None], naive[None], dim=1).numpy()
+    np.testing.assert_allclose(target.cosine(queries), expected, atol=2e-5)
+    np.testing.assert_allclose(target.norm2(), (naive ** 2).sum(0).numpy(), rtol=1e-5)
+    predicted, _ = match_queries(target, queries)
+    np.testing.assert_array_equal(predicted, argmax_points(target.cosine(queries)))
+    source = FeatureMap(features, 100, 50, valid_x1=64.0, valid_y1=48.0, stride=8.0, valid_x0=0.0, valid_y0=16.0)
+    points = np.array([[0, 0], [99, 49], [50, 20]])
+    np.testing.assert_allclose(source.vectors_at(points), naive[:, points[:, 1], points[:, 0]].T.numpy(), atol=1e-5)
+
+
 def test_similarity_stats_equal_their_definitions():
     from pipeline.matching.protocols import similarity_stats
 

@@ -1,8 +1,12 @@
 """Images onto the model canvas, through the VAE once: the posterior (mean, std) per image.
 
-Canvas modes: `squash` (DIFT: resize to a square, ignoring aspect) and `pad` (keep aspect, fit the
-long side, pad right/bottom with 0 in [-1, 1] space, and record the valid region). Ensemble members
-later sample `mean + std * eps` from the stored posterior, so the VAE never runs twice per image.
+Canvas modes: `squash` (DIFT: resize to a square, ignoring aspect, bicubic), `pad` (keep aspect, fit the
+long side, bicubic, pad right/bottom with 0 in [-1, 1] space) and `center` (GeoAware-SC's and sd-dino's
+letterbox, exactly as their `resize` (utils/utils_correspondence.py) lays it out: the long side fits,
+the short side is `int(np.around(size * short / long))`, Lanczos, centred at `(size - short) // 2`, padded
+with black, uint8 0, i.e. -1 in [-1, 1]). The store's images table records the valid region
+[valid_x0, valid_x1) x [valid_y0, valid_y1) of every image. Ensemble members later sample
+`mean + std * eps` from the stored posterior, so the VAE never runs twice per image.
 """
 
 from __future__ import annotations
@@ -27,37 +31,46 @@ from pipeline.config import EncoderParams, check_policy
 from pipeline.data.images import open_rgb
 from pipeline.errors import PipelineError, report_skipped
 
-CANVAS_MODES = ("squash", "pad")
+CANVAS_MODES = ("squash", "pad", "center")
+# Per mode: PIL's resampling filter and the padding's value in [-1, 1] (`center`: GeoAware-SC's uint8 0).
+RESAMPLING = {"squash": Image.Resampling.BICUBIC, "pad": Image.Resampling.BICUBIC, "center": Image.Resampling.LANCZOS}
+PAD_VALUE = {"squash": 0.0, "pad": 0.0, "center": -1.0}
 
 
-def canvas_geometry(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
-    """(w, h) of the image's content on a size x size canvas; it sits at the top-left corner."""
+def canvas_layout(width: int, height: int, size: int, mode: str) -> tuple[int, int, int, int]:
+    """(x0, y0, w, h): where a width x height image lies on a size x size canvas, and its resized size."""
     if mode == "squash":
-        return size, size
+        return 0, 0, size, size
     if mode == "pad":
         scale = size / max(width, height)
-        return max(1, round(width * scale)), max(1, round(height * scale))
+        return 0, 0, max(1, round(width * scale)), max(1, round(height * scale))
+    if mode == "center":  # GeoAware-SC's `resize`: np.around (half to even) of size x short / long, centred
+        if height <= width:
+            h = max(1, int(np.around(size * height / width)))
+            return 0, (size - h) // 2, size, h
+        w = max(1, int(np.around(size * width / height)))
+        return (size - w) // 2, 0, w, size
     raise PipelineError("params.yaml", "canvas_mode", f"unknown canvas mode {mode!r}; expected one of {CANVAS_MODES}")
 
 
 def load_canvas(path: Path, size: int, mode: str) -> torch.Tensor:
     """The image as a (3, size, size) tensor in [-1, 1]."""
     rgb = open_rgb(path)
-    w, h = canvas_geometry(rgb.width, rgb.height, size, mode)
+    x0, y0, w, h = canvas_layout(rgb.width, rgb.height, size, mode)
     # In float64, then float32: the values the uint8 storage of a pixels store decodes to (codecs.UINT8_LOSSLESS).
-    pixels = (np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
-    canvas = np.zeros((size, size, 3), np.float32)
-    canvas[:h, :w] = pixels
+    pixels = (np.asarray(rgb.resize((w, h), RESAMPLING[mode]), dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
+    canvas = np.full((size, size, 3), PAD_VALUE[mode], np.float32)
+    canvas[y0:y0 + h, x0:x0 + w] = pixels
     return torch.from_numpy(canvas).permute(2, 0, 1)
 
 
 def images_on_canvas(images: pd.DataFrame, size: int, mode: str) -> pd.DataFrame:
-    """The images table with each image's valid region on the canvas."""
+    """The images table with each image's valid region on the canvas, [valid_x0, valid_x1) x [valid_y0, valid_y1)."""
     table = images[["image", "category", "width", "height"]].copy()
-    geometry = [canvas_geometry(w, h, size, mode) for w, h in zip(table["width"], table["height"])]
-    table["valid_x0"], table["valid_y0"] = 0.0, 0.0
-    table["valid_x1"] = [float(w) for w, _ in geometry]
-    table["valid_y1"] = [float(h) for _, h in geometry]
+    layout = np.array([canvas_layout(w, h, size, mode) for w, h in zip(table["width"], table["height"])],
+                      dtype=np.float64).reshape(-1, 4)
+    table["valid_x0"], table["valid_y0"] = layout[:, 0], layout[:, 1]
+    table["valid_x1"], table["valid_y1"] = layout[:, 0] + layout[:, 2], layout[:, 1] + layout[:, 3]
     return table
 
 

@@ -114,7 +114,8 @@ class StoreMaps:
     def _raw_map(self, image: str, layer: str, timestep: int) -> FeatureMap:
         row = self.images.loc[image]
         return FeatureMap(self.raw(image, layer, timestep), int(row["width"]), int(row["height"]),
-                          float(row["valid_x1"]), float(row["valid_y1"]), float(self.root[layer].attrs["stride"]))
+                          float(row["valid_x1"]), float(row["valid_y1"]), float(self.root[layer].attrs["stride"]),
+                          float(row["valid_x0"]), float(row["valid_y0"]))
 
     def _cell_transform(self, image: str, layer: str, timestep: int, transform: str):
         """(..., C) cells -> transformed cells, for this image's variant; None for `raw`."""
@@ -139,4 +140,5 @@ class StoreMaps:
         raw, apply = self.source(image, layer, timestep, transform)
         if apply is None:
             return raw
-        return FeatureMap(apply(raw.features), raw.width, raw.height, raw.valid_x1, raw.valid_y1, raw.stride)
+        return FeatureMap(apply(raw.features), raw.width, raw.height, raw.valid_x1, raw.valid_y1, raw.stride,
+                          raw.valid_x0, raw.valid_y0)

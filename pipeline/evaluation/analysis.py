@@ -25,7 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.metrics import read_predictions, variant_columns
+from pipeline.evaluation.metrics import THRESHOLDS, read_predictions, variant_columns, verdicts
 
 POINT_COORDS = ["pair", "category", "keypoint", "src_image", "trg_image", "trg_x", "trg_y", "threshold"]
 
@@ -96,6 +96,20 @@ def _cells(column: pd.Series, cell: np.ndarray, shape: tuple[int, int], complete
     return out.reshape(shape)
 
 
-def correct(dataset: xr.Dataset, alpha: float = 0.1) -> xr.DataArray:
-    """1.0 where a prediction is within alpha x the target box's longer side, NaN where there is none."""
-    return (dataset["distance"] / dataset["threshold"] <= alpha).astype(float).where(dataset["distance"].notnull())
+def correct(dataset: xr.Dataset, alpha: float = 0.1, threshold_by: str = "bbox") -> xr.DataArray:
+    """1.0 where a prediction is correct at `alpha` by threshold family `threshold_by` (bbox: the target box's
+    longer side; img: the target image's), 0.0 where not, NaN where there is none: the rule PCK counts with
+    (pipeline.evaluation.metrics.verdicts: each protocol's own, on its canvas where a row has one)."""
+    if threshold_by not in THRESHOLDS:
+        raise PipelineError(None, "threshold", f"unknown threshold family {threshold_by!r}; expected one of {list(THRESHOLDS)}")
+    names = ["trg_x", "trg_y", "pred_x", "pred_y", THRESHOLDS[threshold_by], "protocol", "canvas_scale", "canvas_x0",
+             "canvas_y0"]
+    present = [name for name in names if name in dataset.variables]
+    missing = [name for name in names[:5] if name not in present]
+    if missing:
+        raise PipelineError(None, "predictions", f"missing columns {missing}")
+    predicted = dataset["pred_x"]
+    columns = {name: dataset[name].broadcast_like(predicted).transpose(*predicted.dims).values.reshape(-1)
+               for name in present}
+    found = verdicts(columns, [alpha], threshold_by)[0].reshape(predicted.shape)
+    return predicted.copy(data=found.astype(float)).where(predicted.notnull()).rename("correct")

@@ -1,9 +1,16 @@
 """PCK as the published evaluations count it on SPair-71k.
 
-A prediction is correct when `distance / size <= alpha` (DIFT; `<` strictly for the `geoaware` protocol,
-as sd-dino and GeoAware-SC count), where `size` is, per threshold family (`threshold_by`):
+A prediction is correct when `distance / size <= alpha` (DIFT; `<` strictly for the `geoaware` and
+`sd-dino` protocols, as GeoAware-SC and sd-dino count), where `size` is, per threshold family (`threshold_by`):
 - `bbox`: the longer side of the target's box, no +1 (DIFT, sd-dino, GeoAware-SC; column `threshold`);
 - `img`: the longer side of the target image (CleanDIFT's alpha_img; column `image_size`).
+Rows of `geoaware` / `sd-dino` that carry a canvas frame (`canvas_scale` s, `canvas_x0`, `canvas_y0`: the
+target on a canvas that keeps aspect, canvas = image x s + offset) are judged exactly as GeoAware-SC's
+`compute_pck` judges (Junyi42/GeoAware-SC @ 166f873, pck_train.py; sd-dino's is the same): in canvas
+units, the truth as float32(point) x float32(s) + offset, the prediction back on the canvas in float32,
+their distance by torch's float32 norm, and `distance < float32(alpha) x size x s` (bbox: that product in
+float64, as their thresholds are; img: float32(alpha) x canvas in float32). `verdicts` is the one home of
+this rule (pair_scores and pipeline.evaluation.analysis use it).
 "Per image" PCK is the mean over pairs of each pair's fraction correct; "per point" PCK is correct
 keypoints over all keypoints. Both are reported pooled over all pairs, per category, and as the mean of
 the per-category values.
@@ -30,6 +37,7 @@ HEADLINE_ALPHA = 0.1
 PREDICTION_COLUMNS = (
     "split", "pair", "pair_id", "category", "src_image", "trg_image", "keypoint",
     "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "image_size", "distance", "dropped_channels",
+    "canvas_scale", "canvas_x0", "canvas_y0",
 )
 REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "threshold")
 # A predictions table's record of what it covers (parquet metadata, or DataFrame.attrs):
@@ -37,7 +45,14 @@ REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "t
 COVERAGE_KEY = "dift_cache.coverage"
 BEST_DIR = "metrics/best"  # each backbone's best variant, one JSON file each (the `evaluate` stage)
 THRESHOLDS = {"bbox": "threshold", "img": "image_size"}  # threshold family: the column of sizes it scales
-STRICT_PROTOCOLS = ("geoaware",)  # count distance < alpha x size; the others <=
+STRICT_PROTOCOLS = ("geoaware", "sd-dino")  # count distance < alpha x size (on their canvas where a row has one); the others <=
+
+
+# The setting of every headline number: DIFT's (its protocol, alpha x the longer side of the target's box,
+# per image, PCK@0.1, pooled over all pairs). A number in another setting says which.
+HEADLINE = {"protocol": "dift", "threshold_by": "bbox", "kind": "per_image", "alpha": HEADLINE_ALPHA, "category": "all"}
+MEASURE_COLUMNS = ("kind", "category", "alpha", "pck", "pairs", "split_pairs", "points")  # of a pck_table row
+FLAGS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")  # SPair's per-pair difficulty flags
 
 
 def bbox_threshold(bndbox) -> float:
@@ -48,6 +63,43 @@ def bbox_threshold(bndbox) -> float:
 
 def variant_columns(predictions: pd.DataFrame) -> list[str]:
     return [c for c in predictions.columns if c not in PREDICTION_COLUMNS and not c.startswith("sim_")]
+
+
+def verdicts(columns, alphas=ALPHAS, family: str = "bbox") -> np.ndarray:
+    """(len(alphas), N) booleans: is each prediction correct at each alpha, by threshold family `family` (the
+    rule of the module docstring). `columns` maps the predictions table's column names to N values each (a
+    DataFrame, or a dict of arrays): trg_x, trg_y, pred_x, pred_y, the family's size column, and where
+    present `protocol` and the canvas frame (canvas_scale, canvas_x0, canvas_y0)."""
+    def get(name):
+        return np.asarray(columns[name], dtype=np.float64).reshape(-1)
+
+    trg = np.stack([get("trg_x"), get("trg_y")], 1)
+    pred = np.stack([get("pred_x"), get("pred_y")], 1)
+    size = get(THRESHOLDS[family])
+    n = len(size)
+    strict = np.isin(np.asarray(columns["protocol"]).reshape(-1), STRICT_PROTOCOLS) if "protocol" in columns \
+        else np.zeros(n, bool)
+    alpha = np.asarray(alphas, dtype=np.float64)[:, None]
+    ratio = np.hypot(pred[:, 0] - trg[:, 0], pred[:, 1] - trg[:, 1]) / size
+    correct = np.where(strict, ratio < alpha, ratio <= alpha)
+    scale = get("canvas_scale") if "canvas_scale" in columns else np.full(n, np.nan)
+    on_canvas = strict & np.isfinite(scale)
+    if on_canvas.any():
+        import torch  # their distance is torch's float32 norm; numpy rounds differently in the last bit
+
+        s = scale[on_canvas]
+        offset = np.stack([get("canvas_x0"), get("canvas_y0")], 1)[on_canvas]
+        truth = trg[on_canvas].astype(np.float32) * s.astype(np.float32)[:, None] + offset.astype(np.float32)
+        # The prediction was a float32 canvas point mapped to image pixels in float64: back exactly.
+        guess = (pred[on_canvas] * s[:, None] + offset).astype(np.float32)
+        difference = (truth - guess)[:, ::-1].copy()  # (y, x), as they compare [:, [1, 0]]
+        error = torch.linalg.vector_norm(torch.from_numpy(difference), dim=-1).numpy()  # float32
+        alpha32 = np.asarray(alphas, dtype=np.float32)[:, None]
+        if family == "img":  # alpha x ANNO_SIZE, a float32 tensor
+            correct[:, on_canvas] = error < alpha32 * (size[on_canvas] * s).astype(np.float32)
+        else:  # alpha x their float64 thresholds (box side x s): the float32 alpha promoted
+            correct[:, on_canvas] = error.astype(np.float64) < alpha32.astype(np.float64) * (size[on_canvas] * s)
+    return correct
 
 
 def pair_scores(predictions: pd.DataFrame, alphas=ALPHAS, thresholds=("bbox",)) -> pd.DataFrame:
@@ -63,17 +115,11 @@ def pair_scores(predictions: pd.DataFrame, alphas=ALPHAS, thresholds=("bbox",)) 
     if missing:
         raise PipelineError(None, "predictions", f"missing columns {sorted(set(missing))}")
     keys = variant_columns(predictions) + ["category", "pair"]
-    distance = np.hypot(
-        predictions["pred_x"].to_numpy(float) - predictions["trg_x"].to_numpy(float),
-        predictions["pred_y"].to_numpy(float) - predictions["trg_y"].to_numpy(float),
-    )
-    strict = predictions["protocol"].isin(STRICT_PROTOCOLS).to_numpy() if "protocol" in predictions else False
     frames = []
     for family in thresholds:
-        ratio = distance / predictions[THRESHOLDS[family]].to_numpy(float)
-        for alpha in alphas:
+        for alpha, correct in zip(alphas, verdicts(predictions, alphas, family)):
             scored = predictions[keys].copy()
-            scored["correct"] = np.where(strict, ratio < alpha, ratio <= alpha).astype(np.int64)
+            scored["correct"] = correct.astype(np.int64)
             counts = scored.groupby(keys, sort=True)["correct"].agg(correct="sum", points="size").reset_index()
             frames.append(counts.assign(alpha=alpha, threshold_by=family))
     scores = pd.concat(frames, ignore_index=True)
@@ -195,6 +241,47 @@ def _score_row_groups(path: str, groups: list[int], thresholds) -> pd.DataFrame:
         raise PipelineError(path, exc.field, exc.reason) from None
 
 
+def headline_setting(table: pd.DataFrame) -> dict:
+    """HEADLINE, or where a table lacks DIFT's protocol or bbox thresholds (matched with geoaware only, say),
+    the table's first protocol / threshold family instead."""
+    setting = dict(HEADLINE)
+    for column in ("protocol", "threshold_by"):
+        if column in table and not (table[column] == setting[column]).any():
+            setting[column] = sorted(table[column].unique())[0]
+    return setting
+
+
+def describe_setting(setting: dict) -> str:
+    """A setting in words, e.g. `dift protocol, alpha x target box, per image, PCK@0.1, all pairs`."""
+    parts = [f"{setting['protocol']} protocol"] if setting.get("protocol") else []
+    if setting.get("threshold_by"):
+        parts.append(f"alpha x target {'box' if setting['threshold_by'] == 'bbox' else 'image'}")
+    if setting.get("kind"):
+        parts.append(setting["kind"].replace("_", " "))
+    if setting.get("alpha") is not None:
+        parts.append(f"PCK@{setting['alpha']:g}")
+    category = setting.get("category")
+    if category is not None:
+        parts.append({"all": "all pairs", "mean": "mean of categories"}.get(category, category))
+    return ", ".join(parts)
+
+
+def in_setting(table: pd.DataFrame, **changes) -> pd.DataFrame:
+    """The rows of a `pck_table` in one setting: the table's headline setting with `changes` (a value of None
+    keeps every value of that field). What is left has one row per variant (and per field set to None):
+    numbers of different settings are never pooled, and a table that would be raises."""
+    setting = {**headline_setting(table), **changes}
+    rows = np.ones(len(table), bool)
+    for column, value in setting.items():
+        if value is not None and column in table:
+            rows &= np.isclose(table[column], value) if column == "alpha" else (table[column] == value).to_numpy()
+    chosen = table[rows]
+    keys = [c for c in chosen.columns if c not in MEASURE_COLUMNS] + [c for c, v in setting.items() if v is None]
+    if chosen.duplicated(keys).any():
+        raise PipelineError(None, "pck table", f"several rows per variant in the setting {describe_setting(setting)}")
+    return chosen.copy()
+
+
 def at_headline(table: pd.DataFrame, kind: str | None = None, categories=("all",)) -> pd.DataFrame:
     """The rows of a `pck_table` at alpha 0.1 for `categories` ("all": pooled over pairs, "mean": mean of
     categories, or category names), of one `kind` (per_image, per_point) or both."""
@@ -221,8 +308,8 @@ def _headline(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def metrics_summary(table: pd.DataFrame) -> dict:
-    """What `dvc metrics show` prints: PCK@0.1 nested by variant (backbone, layer, timestep, ...).
-    Every alpha and category is in the tidy CSV."""
+    """What `dvc metrics show` prints: PCK@0.1 nested by variant (backbone, layer, timestep, protocol, transform,
+    threshold_by), then kind. Every alpha and category is in the tidy CSV."""
     summary: dict = {}
     for key, row in _headline(table).iterrows():
         node = summary
@@ -230,16 +317,18 @@ def metrics_summary(table: pd.DataFrame) -> dict:
             node = node.setdefault(str(part), {})
         node.update({name: int(value) if name in ("pairs", "split_pairs") else round(float(value), 6)
                      for name, value in row.items()})
-    return summary
+    return {f"PCK@{HEADLINE_ALPHA:g}": summary}
 
 
 def best_variants(table: pd.DataFrame) -> dict[str, dict]:
-    """Per backbone: the variant with the best per-image PCK@0.1, and its scores, in DIFT's setting (protocol
-    dift, threshold by bbox) where the table has it."""
+    """Per backbone: the variant with the best per-image PCK@0.1 in the headline setting (DIFT's: protocol
+    dift, threshold by bbox, where the table has it), and its PCK@0.1 in that protocol and threshold family
+    per image, per point and per image as the mean of categories. Ties go to the first variant in sorted order."""
+    setting = headline_setting(table)
     head = _headline(table).reset_index()
-    for column, reference in (("protocol", "dift"), ("threshold_by", "bbox")):
-        if column in head and (head[column] == reference).any():
-            head = head[head[column] == reference]
+    for column in ("protocol", "threshold_by"):
+        if column in head:
+            head = head[head[column] == setting[column]]
     if "backbone" not in head:
         head["backbone"] = "all"
     best = {}
@@ -248,19 +337,21 @@ def best_variants(table: pd.DataFrame) -> dict[str, dict]:
         best[str(backbone)] = {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else
                                    int(v) if isinstance(v, (np.integer,)) else str(v))
                                for k, v in row.items() if k != "backbone"}
+        best[str(backbone)]["alpha"] = HEADLINE_ALPHA
     return best
 
 
 def write_metrics(table: pd.DataFrame, json_path: str | Path, csv_path: str | Path,
-                  best_dir: str | Path | None = None) -> pd.DataFrame:
-    """Write a `pck_table`: the nested headline JSON, the tidy CSV, and the best variant per backbone."""
+                  best_dir: str | Path | None = None, best: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Write a `pck_table`: the nested headline JSON, the tidy CSV, and the best variant per backbone
+    (`best`: best_variants(table), with anything added to it, such as bootstrap intervals)."""
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(metrics_summary(table), indent=2) + "\n")
     table.to_csv(csv_path, index=False, float_format="%.6f")
     if best_dir is not None:
         Path(best_dir).mkdir(parents=True, exist_ok=True)
-        for backbone, scores in best_variants(table).items():
+        for backbone, scores in (best if best is not None else best_variants(table)).items():
             (Path(best_dir) / f"{backbone}.json").write_text(json.dumps(scores, indent=2) + "\n")
     return table
 
@@ -289,23 +380,60 @@ def layer_depth(layers) -> dict[str, float]:
 
 
 def curve_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Headline PCK (per image, alpha 0.1, all pairs) against layer depth and against timestep:
-    one series per backbone (x timestep, or x layer)."""
-    head = at_headline(table, kind="per_image")
-    for column, default in (("backbone", "all"), ("layer", "-"), ("timestep", 0)):
+    """The headline setting's PCK against relative layer depth (each backbone at its best variant's timestep
+    and transform) and against timestep (at its best variant's layer and transform): one series per backbone."""
+    head = in_setting(table)
+    for column, default in (("backbone", "all"), ("layer", "-"), ("timestep", 0), ("transform", "raw")):
         if column not in head:
             head[column] = default
-    head["depth"] = 0.0
-    for backbone, rows in head.groupby("backbone"):
-        depth = layer_depth(rows["layer"])
-        head.loc[rows.index, "depth"] = rows["layer"].map(depth)
-    extra = [c for c in variant_columns(head) if c not in ("backbone", "layer", "timestep", "depth", "kind", "category",
-                                                              "alpha", "pck", "pairs", "split_pairs", "points")]
-    label = head["backbone"].astype(str)
-    for column in extra:  # e.g. protocol, transform: part of the series name
-        label = label + " " + head[column].astype(str)
-    by_layer = head.assign(series=label + " t=" + head["timestep"].astype(str))
-    by_time = head.assign(series=label + " " + head["layer"].astype(str))
-    keep = ["series", "backbone", "layer", "depth", "timestep", "pck"]
-    return (by_layer[keep].sort_values(["series", "depth"]).reset_index(drop=True),
-            by_time[keep].sort_values(["series", "timestep"]).reset_index(drop=True))
+    best = best_variants(table)
+    by_layer, by_time = [], []
+    for backbone, rows in head.groupby("backbone", sort=True):
+        chosen = best[str(backbone)]
+        rows = rows.assign(depth=rows["layer"].map(layer_depth(rows["layer"])))
+        transform = rows["transform"] == chosen.get("transform", "raw")
+        at_time = rows[transform & (rows["timestep"] == chosen.get("timestep", 0))]
+        at_layer = rows[transform & (rows["layer"] == chosen.get("layer", "-"))]
+        by_layer.append(at_time.assign(series=f"{backbone} (t={chosen.get('timestep', 0)}, {chosen.get('transform', 'raw')})"))
+        by_time.append(at_layer.assign(series=f"{backbone} ({chosen.get('layer', '-')}, {chosen.get('transform', 'raw')})"))
+    keep = ["series", "backbone", "layer", "depth", "timestep", "transform", "pck"]
+    return (pd.concat(by_layer)[keep].sort_values(["series", "depth"]).reset_index(drop=True),
+            pd.concat(by_time)[keep].sort_values(["series", "timestep"]).reset_index(drop=True))
+
+
+def pair_outcomes(paths, best: dict[str, dict]) -> pd.DataFrame:
+    """Per pair: the keypoints correct and scored of each backbone's best variant in its setting (backbone,
+    category, pair, correct, points), read from the predictions tables: the pairs behind each best PCK, for
+    the bootstrap and the breakdowns by difficulty. Only the best variants' rows are read."""
+    frames = []
+    for path in paths:
+        names = pq.read_schema(path).names
+        filters = [[(column, "==", value) for column, value in
+                    ({"backbone": backbone} | {k: v for k, v in variant.items() if k in ("layer", "timestep", "transform", "protocol")}).items()
+                    if column in names] for backbone, variant in best.items()]
+        try:
+            frame = pq.read_table(path, filters=filters).to_pandas()
+        except (OSError, ValueError) as exc:
+            raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
+        if "backbone" not in frame:
+            frame["backbone"] = "all"
+        for backbone, rows in frame.groupby("backbone", sort=True):
+            variant = best[str(backbone)]
+            scores = pair_scores(rows, alphas=(variant["alpha"],), thresholds=(variant["threshold_by"],))
+            frames.append(scores.assign(backbone=str(backbone))[["backbone", "category", "pair", "correct", "points"]])
+    if not frames:
+        raise PipelineError(None, "predictions", "no rows of the best variants")
+    return pd.concat(frames, ignore_index=True)
+
+
+def by_flag(outcomes: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per-image PCK of each backbone's best variant over the pairs of each value of SPair's difficulty flags
+    (viewpoint and scale variation, truncation, occlusion): backbone, flag, value, pairs, pck."""
+    flags = [f for f in FLAGS if f in pairs]
+    merged = outcomes.merge(pairs[["filename", *flags]].rename(columns={"filename": "pair"}), on="pair", how="left")
+    merged["score"] = merged["correct"] / merged["points"]
+    long = merged.melt(id_vars=["backbone", "pair", "score"], value_vars=flags, var_name="flag", value_name="value")
+    table = long.dropna(subset=["value"]).groupby(["backbone", "flag", "value"], sort=True)["score"]
+    out = table.agg(pairs="size", pck="mean").reset_index()
+    out["value"] = out["value"].astype(np.int64)
+    return out

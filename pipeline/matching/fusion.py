@@ -46,7 +46,8 @@ class FusedMaps:
             maps.check_images(keys)
             for key in keys:
                 mine, first = maps.images.loc[key], self.images.loc[key]
-                if (mine["valid_x1"], mine["valid_y1"]) != (first["valid_x1"], first["valid_y1"]):
+                region = ["valid_x0", "valid_y0", "valid_x1", "valid_y1"]
+                if list(mine[region]) != list(first[region]):
                     raise PipelineError(maps.path, "images/valid", f"image {key!r} lies differently on this store's "
                                         "canvas; fuse stores encoded with the same canvas mode")
 
@@ -74,4 +75,4 @@ class FusedMaps:
         first = maps[0]
         stride = first.stride * first.features.shape[0] / grid[0]
         return FeatureMap(np.concatenate(blocks, axis=-1).astype(np.float32), first.width, first.height,
-                          first.valid_x1, first.valid_y1, stride)
+                          first.valid_x1, first.valid_y1, stride, first.valid_x0, first.valid_y0)

@@ -8,6 +8,11 @@ small cache, so memory stays at a few maps whatever the dataset size.
 Coverage travels with the predictions: the table's parquet metadata (and a DataFrame's `attrs`) hold,
 under `dift_cache.coverage`, the split's pair count per category and every pair skipped under
 `on_error: skip` with its category and reason; PCK tables report scored pairs against it.
+
+Rows of `geoaware` and `sd-dino` on a canvas that keeps aspect (`center`, `pad`) carry the target's frame
+on it (`canvas_scale`, `canvas_x0`, `canvas_y0`; protocols.canvas_columns), with which
+pipeline.evaluation.metrics judges them in canvas units, as GeoAware-SC and sd-dino do; pred_x and pred_y
+are always in the target's original pixels.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pipeline.config import check_policy
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models.hub import resolve_device
 from pipeline.cache.maps import StoreMaps, selection
-from pipeline.matching.protocols import PROTOCOLS, STATISTICS, match_queries, prepare_target, source_queries
+from pipeline.matching.protocols import PROTOCOLS, STATISTICS, canvas_columns, match_queries, prepare_target, source_queries
 from pipeline.evaluation.metrics import COVERAGE_KEY, bbox_threshold
 
 TARGETS_PER_ROW_GROUP = 32
@@ -217,14 +222,16 @@ def _match_target(maps, request: Plan, group: pd.DataFrame) -> pd.DataFrame:
                     predicted, stats = match_queries(target, queries, protocol, request.statistics, device, prepared)
                     variant = {"backbone": maps.name, "layer": layer, "timestep": timestep, "protocol": protocol,
                                "transform": spec, "dropped_channels": maps.dropped(layer, timestep, spec)}
+                    canvas = canvas_columns(target, protocol)
                     for pair, p, found, *values in zip(pairs, points, np.split(predicted, ends),
                                                        *(np.split(v, ends) for v in stats.values())):
-                        frames.append(pair_rows(pair, p, found, dict(zip(stats, values)), variant))
+                        frames.append(pair_rows(pair, p, found, dict(zip(stats, values)), variant, canvas))
     return pd.concat(frames, ignore_index=True)
 
 
-def pair_rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
-    """One pair's rows of the predictions table (`pair`: a row of the pairs table)."""
+def pair_rows(pair, points, predicted, stats, variant: dict, canvas: dict | None = None) -> pd.DataFrame:
+    """One pair's rows of the predictions table (`pair`: a row of the pairs table). `canvas`: the target's
+    frame for a protocol judged in canvas units (protocols.canvas_columns); None: NaN, judged in image pixels."""
     truth = np.array([list(p) for p in pair.trg_kps], dtype=np.float64)
     predicted = predicted.astype(np.float64)
     return pd.DataFrame({
@@ -235,5 +242,6 @@ def pair_rows(pair, points, predicted, stats, variant: dict) -> pd.DataFrame:
         "distance": np.hypot(predicted[:, 0] - truth[:, 0], predicted[:, 1] - truth[:, 1]),
         "threshold": bbox_threshold(list(pair.trg_bndbox)),
         "image_size": float(max(pair.trg_width, pair.trg_height)),
+        **(canvas or {"canvas_scale": np.nan, "canvas_x0": np.nan, "canvas_y0": np.nan}),
         **variant, **stats,
     })

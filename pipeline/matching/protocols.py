@@ -12,15 +12,28 @@ first (row-major) argmax of cosine similarity over every target pixel. No upsamp
   bounds the quad. The best quads are evaluated pixel by pixel until the best value found beats every
   unevaluated bound; so the answer is the full map's argmax, at a few hundred pixels a query.
 
-`geoaware` is sd-dino's and GeoAware-SC's evaluation (hard argmax): the source keypoint's cell (its
-canvas coordinate over the stride, truncated), cosine against every cell of the target grid, and the
-prediction the centre of the best cell, mapped back to the image; PCK counts `<` (strictly) there.
+`geoaware` is GeoAware-SC's evaluation, exactly (Junyi42/GeoAware-SC @ 166f873, pck_train.py
+`compute_pck` with its hard argmax, utils/utils_correspondence.py `kpts_to_patch_idx` and
+`calculate_keypoint_transformation`, utils/utils_dataset.py `preprocess_kps_pad`), on a canvas that keeps
+aspect (`center`: theirs; `pad`: the same with the image at the top-left):
+- a keypoint lies on the canvas at X * s + x0 with ONE factor s = canvas / max(W, H) (although the resized
+  image's short side was rounded), in float32 (`canvas_points`);
+- the source cell is that coordinate x (cells / canvas), in float32, truncated (`geoaware_cells`);
+- the cosine of that cell against every cell of the target grid; the prediction is the best cell's
+  `index x stride + stride // 2` on the canvas (float32), mapped back to the image's pixels (`cell_points`);
+- the verdict is theirs too, in canvas units: the rows carry the frame (`canvas_columns`) and
+  pipeline.evaluation.metrics judges them.
+`sd-dino` is sd-dino's evaluation (Junyi42/sd-dino @ b85df18, pck_spair_pascal.py): all the same but the
+prediction, `(index - 1) x stride + stride + patch // 2 - 0.5`, i.e. `index x stride + stride // 2 - 0.5`
+for a grid of non-overlapping patches (DINOv2: index x 14 + 6.5, half a pixel before the cell's centre).
+On a `squash` canvas (no single factor: each axis has its own) both use each axis's factor, in float64,
+and are judged in image pixels (strictly).
 
 Geometry: a map of (h, w) cells with `stride` canvas pixels per cell; the image occupies the canvas
-region [0, valid_x1) x [0, valid_y1) (the whole canvas in `squash` mode). Image pixel X maps to the
-continuous cell coordinate u = (X + 0.5) * (valid_x1 / stride) / W - 0.5, which for `squash` is
-exactly PyTorch's align_corners=False rule. Only the valid region of the target is ever searched by
-`dift`.
+region [valid_x0, valid_x1) x [valid_y0, valid_y1) (the whole canvas in `squash` mode, the top-left in
+`pad`, centred in `center`). Image pixel X maps to the continuous cell coordinate
+u = (valid_x0 + (X + 0.5) * (valid_x1 - valid_x0) / W) / stride - 0.5, which for `squash` is exactly
+PyTorch's align_corners=False rule. Only the valid region of the target is ever searched by `dift`.
 """
 
 from __future__ import annotations
@@ -48,30 +61,58 @@ class Axis:
         return m[:, :cells]
 
 
-def axis_weights(pixels: int, cells: int, covered: float) -> Axis:
-    """Weights for `pixels` output pixels over `cells` cells, of which `covered` (fractional) hold the image."""
-    u = (np.arange(pixels) + 0.5) * (covered / pixels) - 0.5
+def axis_weights(pixels: int, cells: int, covered: float, start: float = 0.0) -> Axis:
+    """Weights for `pixels` output pixels over `cells` cells, of which `covered` (fractional), from cell
+    coordinate `start` on, hold the image."""
+    u = start + (np.arange(pixels) + 0.5) * (covered / pixels) - 0.5
     u = np.maximum(u, 0.0)  # PyTorch clamps negative source coordinates to 0
     i0 = np.minimum(np.floor(u).astype(np.int64), cells - 1)
     a1 = np.where(i0 < cells - 1, u - i0, 0.0)  # on the last cell both taps are that cell
     return Axis(i0=i0, a0=1.0 - a1, a1=a1)
 
 
+@dataclass(frozen=True)
+class CanvasFrame:
+    """Where an image's pixels lie on its canvas: pixel (X, Y) at (x0 + X * scale_x, y0 + Y * scale_y).
+    `single`: the canvas keeps aspect (`pad`, `center`) and, as GeoAware-SC maps keypoints, one factor
+    canvas / max(W, H) serves both axes although each side of the resized image was rounded; otherwise
+    (`squash` of a non-square image) each axis has its own factor."""
+
+    scale_x: float
+    scale_y: float
+    x0: float
+    y0: float
+    single: bool
+
+
+def canvas_frame(width: int, height: int, x0: float, y0: float, x1: float, y1: float) -> CanvasFrame:
+    """The frame of an image whose valid region on the canvas is [x0, x1) x [y0, y1): one factor (the long
+    side's) when each side is the image's side times it, rounded; else one per axis."""
+    scale = max(x1 - x0, y1 - y0) / max(width, height)
+    if abs((x1 - x0) - width * scale) <= 0.5 + 1e-9 and abs((y1 - y0) - height * scale) <= 0.5 + 1e-9:
+        return CanvasFrame(scale, scale, float(x0), float(y0), True)
+    return CanvasFrame((x1 - x0) / width, (y1 - y0) / height, float(x0), float(y0), False)
+
+
 @dataclass
 class FeatureMap:
-    """One image's (h, w, C) map and how it lies over the image's original (H, W) pixels."""
+    """One image's (h, w, C) map and how it lies over the image's original (H, W) pixels: the image covers
+    the canvas region [valid_x0, valid_x1) x [valid_y0, valid_y1)."""
 
     features: np.ndarray  # (h, w, C) float32
     width: int
     height: int
-    valid_x1: float  # canvas pixels covered by the image
+    valid_x1: float  # canvas pixels: where the image ends
     valid_y1: float
     stride: float
+    valid_x0: float = 0.0  # canvas pixels: where the image starts (non-zero in `center` mode)
+    valid_y0: float = 0.0
 
     def __post_init__(self):
         h, w, _ = self.features.shape
-        self.rows = axis_weights(self.height, h, self.valid_y1 / self.stride)
-        self.cols = axis_weights(self.width, w, self.valid_x1 / self.stride)
+        self.rows = axis_weights(self.height, h, (self.valid_y1 - self.valid_y0) / self.stride, self.valid_y0 / self.stride)
+        self.cols = axis_weights(self.width, w, (self.valid_x1 - self.valid_x0) / self.stride, self.valid_x0 / self.stride)
+        self.frame = canvas_frame(self.width, self.height, self.valid_x0, self.valid_y0, self.valid_x1, self.valid_y1)
         self._norm2 = None
         self._row_matrix = self._col_matrix = None
 
@@ -185,7 +226,8 @@ def similarity_stats(scores: np.ndarray, best: np.ndarray) -> dict[str, np.ndarr
             "sim_peak_ratio": second / np.where(np.abs(peak) > 1e-12, peak, 1e-12)}
 
 
-PROTOCOLS = ("dift", "geoaware")
+PROTOCOLS = ("dift", "geoaware", "sd-dino")
+GRID_PROTOCOLS = ("geoaware", "sd-dino")  # hard argmax over the patch grid
 # none: no statistics; basic: sim_max, sim_mean, sim_std, exactly and cheaply from cell-level sums;
 # all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only; about doubles the time).
 STATISTICS = ("none", "basic", "all")
@@ -364,43 +406,84 @@ class DiftTarget:
 
 
 class GeoawareTarget:
-    """One target map for the `geoaware` protocol: its L2-normalised cells, on `device`."""
+    """One target map for the `geoaware` or `sd-dino` protocol: its L2-normalised cells, on `device`."""
 
-    def __init__(self, target: FeatureMap, device="cpu"):
-        self.map = target
+    def __init__(self, target: FeatureMap, device="cpu", protocol: str = "geoaware"):
+        self.map, self.protocol = target, protocol
         h, w, c = target.features.shape
         self.h, self.w = h, w
         cells = _tensor(target.features.reshape(-1, c), device, np.float64)
         self.cells = cells / cells.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def match(self, queries: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(N, 2) predicted points (the best cell's centre, in image pixels) and basic statistics."""
+        """(N, 2) predicted points (the best cell's prediction point, in image pixels: `cell_points`) and
+        basic statistics."""
         queries = queries.double()  # as DiftTarget.dots: the same answer whatever the batch
         cosine = ((queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ self.cells.T).float()
         value, best = cosine.max(1)
-        m = self.map
-        x = ((best % self.w).double() + 0.5) * m.stride * m.width / m.valid_x1
-        y = ((best // self.w).double() + 0.5) * m.stride * m.height / m.valid_y1
+        index = best.cpu().numpy()
+        points = cell_points(self.map.frame, self.map.stride, index // self.w, index % self.w, self.protocol)
         d = cosine.double()
-        return torch.stack([x, y], 1), {"sim_max": value.double(), "sim_mean": d.mean(1), "sim_std": d.std(1, correction=0)}
+        return torch.from_numpy(points), {"sim_max": value.double(), "sim_mean": d.mean(1), "sim_std": d.std(1, correction=0)}
+
+
+def canvas_points(frame: CanvasFrame, points: np.ndarray) -> np.ndarray:
+    """(K, 2) image points on a single-factor canvas as GeoAware-SC's `preprocess_kps_pad` puts them:
+    float32 point x float32 factor, plus the offset, in float32."""
+    xy = np.asarray(points, dtype=np.float32) * np.float32(frame.scale_x)
+    return xy + np.array([frame.x0, frame.y0], dtype=np.float32)
 
 
 def geoaware_cells(source: FeatureMap, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cell (row, column) holding each (x, y) keypoint: canvas coordinate over the stride, truncated."""
+    """The cell (row, column) holding each (x, y) keypoint. On a single-factor canvas, GeoAware-SC's
+    `kpts_to_patch_idx`: the float32 canvas coordinate x float32(cells / canvas), truncated; otherwise
+    (`squash`) each axis's canvas coordinate over the stride, in float64, floored."""
     h, w, _ = source.features.shape
-    column = np.floor(points[:, 0] * (source.valid_x1 / source.width) / source.stride).astype(np.int64)
-    row = np.floor(points[:, 1] * (source.valid_y1 / source.height) / source.stride).astype(np.int64)
+    frame = source.frame
+    if frame.single:
+        xy = canvas_points(frame, points)
+        column = (np.float32(w / (w * source.stride)) * xy[:, 0]).astype(np.int32).astype(np.int64)
+        row = (np.float32(h / (h * source.stride)) * xy[:, 1]).astype(np.int32).astype(np.int64)
+    else:
+        column = np.floor((frame.x0 + points[:, 0] * frame.scale_x) / source.stride).astype(np.int64)
+        row = np.floor((frame.y0 + points[:, 1] * frame.scale_y) / source.stride).astype(np.int64)
     return np.clip(row, 0, h - 1), np.clip(column, 0, w - 1)
+
+
+def canvas_prediction(index, stride: float, protocol: str = "geoaware") -> np.ndarray:
+    """Where a protocol puts its prediction for cell `index` (along one axis) on the canvas, in float32:
+    GeoAware-SC `index x stride + stride // 2` (the cell's centre for an even stride), sd-dino half a pixel
+    less (its `(index - 1) x stride + stride + patch // 2 - 0.5`, with patch = stride)."""
+    offset = float(stride) // 2 - (0.5 if protocol == "sd-dino" else 0.0)
+    return np.asarray(index).astype(np.float32) * np.float32(stride) + np.float32(offset)
+
+
+def cell_points(frame: CanvasFrame, stride: float, rows, columns, protocol: str = "geoaware") -> np.ndarray:
+    """(N, 2) float64 (x, y) image pixels of the protocol's prediction for cells (rows, columns)."""
+    x = (canvas_prediction(columns, stride, protocol).astype(np.float64) - frame.x0) / frame.scale_x
+    y = (canvas_prediction(rows, stride, protocol).astype(np.float64) - frame.y0) / frame.scale_y
+    return np.stack([x, y], axis=-1)
+
+
+def canvas_columns(target: FeatureMap, protocol: str) -> dict[str, float]:
+    """The predictions table's record of how a protocol judges its predictions on this target: for `geoaware`
+    and `sd-dino` on a single-factor canvas, the frame (`canvas_scale` s, `canvas_x0`, `canvas_y0`: canvas =
+    image x s + offset), so that PCK is counted in canvas units as they count it; NaN otherwise (`dift`,
+    or a `squash` canvas: judged in image pixels)."""
+    frame = target.frame
+    if protocol in GRID_PROTOCOLS and frame.single:
+        return {"canvas_scale": frame.scale_x, "canvas_x0": frame.x0, "canvas_y0": frame.y0}
+    return {"canvas_scale": np.nan, "canvas_x0": np.nan, "canvas_y0": np.nan}
 
 
 def prepare_target(target: FeatureMap, protocol: str, device="cpu"):
     """What a protocol computes once per target map, for every query of every pair that uses it."""
-    return (DiftTarget if protocol == "dift" else GeoawareTarget)(target, device)
+    return DiftTarget(target, device) if protocol == "dift" else GeoawareTarget(target, device, protocol)
 
 
 def source_queries(source: FeatureMap, transform, points: np.ndarray, protocol: str) -> np.ndarray:
     """(K, C) query vectors of a source map at (K, 2) keypoints: the bilinear blend of <= 4 cells (`dift`) or
-    the keypoint's cell (`geoaware`); `transform` (None: raw) applies to those cells only."""
+    the keypoint's cell (`geoaware`, `sd-dino`); `transform` (None: raw) applies to those cells only."""
     if protocol == "dift":
         return source.vectors_at(points, transform)
     row, column = geoaware_cells(source, points)
@@ -411,8 +494,8 @@ def source_queries(source: FeatureMap, transform, points: np.ndarray, protocol: 
 def match_queries(target: FeatureMap, queries: np.ndarray, protocol: str = "dift", statistics: str = "basic",
                   device="cpu", prepared=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Predicted (N, 2) target points for (N, C) source vectors (bilinear for `dift`, a cell for
-    `geoaware`), with their similarity statistics. `prepared`: the target's DiftTarget/GeoawareTarget,
-    to reuse across calls."""
+    `geoaware` and `sd-dino`), with their similarity statistics. `prepared`: the target's
+    DiftTarget/GeoawareTarget, to reuse across calls."""
     prepared = prepared or prepare_target(target, protocol, device)
     points, stats = [], []
     for start in range(0, len(queries), QUERY_BATCH):
@@ -440,6 +523,7 @@ def match_dift(source: FeatureMap, target: FeatureMap, points: np.ndarray, stati
     return match_queries(target, source_queries(source, None, points, "dift"), "dift", statistics, device)
 
 
-def match_geoaware(source: FeatureMap, target: FeatureMap, points: np.ndarray, device="cpu"):
-    """sd-dino / GeoAware-SC's protocol for one pair: (predicted (K, 2) points, similarity statistics)."""
-    return match_queries(target, source_queries(source, None, points, "geoaware"), "geoaware", device=device)
+def match_geoaware(source: FeatureMap, target: FeatureMap, points: np.ndarray, device="cpu", protocol: str = "geoaware"):
+    """GeoAware-SC's (or, with protocol `sd-dino`, sd-dino's) protocol for one pair: (predicted (K, 2) points,
+    similarity statistics)."""
+    return match_queries(target, source_queries(source, None, points, protocol), protocol, device=device)

@@ -2,7 +2,8 @@
 
 The index holds every cell that lies on its image (cells of the canvas's padding are left out), each
 L2-normalised, so inner product is cosine. A query is the cell under an image point (the `geoaware` rule:
-canvas coordinate over the stride, truncated), so a point's own cell comes back first, at cosine 1.
+canvas coordinate over the stride, truncated), so a point's own cell comes back first, at cosine 1; a
+cell's position in its image is where `geoaware` would predict it.
 
 Size: an exact index (`IndexFlatIP`) while its vectors take at most FLAT_LIMIT_BYTES as float32 (the demo,
 or one real layer of ~100 images); beyond, IVF-PQ (FAISS's `IVF<lists>,PQ<C/16>`: ~C/16 bytes a cell,
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from pipeline.cache import store
 from pipeline.cache.maps import StoreMaps
 from pipeline.errors import PipelineError
-from pipeline.matching.protocols import geoaware_cells
+from pipeline.matching.protocols import canvas_frame, cell_points, geoaware_cells
 
 FLAT_LIMIT_BYTES = 2 << 30
 RERANK = 8  # IVF-PQ: candidates re-scored exactly, per result asked for
@@ -50,20 +51,26 @@ class Cell:
 
 
 def cell_centre(maps: StoreMaps, image: str, layer: str, row, column) -> tuple:
-    """The centre of cell (row, column) in the image's original pixels (GeoAware-SC's prediction rule)."""
+    """Cell (row, column) in the image's original pixels: GeoAware-SC's prediction point (the cell's centre
+    for an even stride), `protocols.cell_points`."""
     info = maps.images.loc[image]
     stride = float(maps.root[layer].attrs["stride"])
-    x = (np.asarray(column) + 0.5) * stride * float(info["width"]) / float(info["valid_x1"])
-    y = (np.asarray(row) + 0.5) * stride * float(info["height"]) / float(info["valid_y1"])
+    frame = canvas_frame(int(info["width"]), int(info["height"]), *(float(info[c]) for c in
+                                                                   ("valid_x0", "valid_y0", "valid_x1", "valid_y1")))
+    x, y = np.moveaxis(cell_points(frame, stride, np.asarray(row), np.asarray(column)), -1, 0)
     return x, y
 
 
-def image_cells(maps: StoreMaps, image: str, layer: str) -> tuple[int, int]:
-    """(rows, columns) of the cells that lie on the image (the rest of the canvas is padding)."""
+def image_cells(maps: StoreMaps, image: str, layer: str) -> tuple[slice, slice]:
+    """(rows, columns): the ranges of the cells that lie on the image (the rest of the canvas is padding)."""
     feature_map = maps.raw_map(image, layer, maps.timesteps[0])
     h, w, _ = feature_map.features.shape
-    return (min(h, int(np.ceil(feature_map.valid_y1 / feature_map.stride - 1e-9))),
-            min(w, int(np.ceil(feature_map.valid_x1 / feature_map.stride - 1e-9))))
+
+    def cells(start: float, end: float, count: int) -> slice:
+        stride = feature_map.stride
+        return slice(max(0, int(np.floor(start / stride + 1e-9))), min(count, int(np.ceil(end / stride - 1e-9))))
+
+    return (cells(feature_map.valid_y0, feature_map.valid_y1, h), cells(feature_map.valid_x0, feature_map.valid_x1, w))
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
@@ -91,8 +98,9 @@ class CellIndex:
         """An image's on-image cells: (n, C) normalised vectors and (n, 2) (row, column)."""
         features = self.maps.load(image, self.layer, self.timestep, self.transform).features
         rows, columns = image_cells(self.maps, image, self.layer)
-        grid = np.stack(np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij"), -1).reshape(-1, 2)
-        return _normalised(features[:rows, :columns].reshape(-1, features.shape[-1])), grid
+        grid = np.stack(np.meshgrid(np.arange(rows.start, rows.stop), np.arange(columns.start, columns.stop),
+                                    indexing="ij"), -1).reshape(-1, 2)
+        return _normalised(features[rows, columns].reshape(-1, features.shape[-1])), grid
 
     def _meta(self) -> dict:
         return {"fingerprint": self.maps.fingerprint, "layer": self.layer, "timestep": self.timestep,
@@ -114,7 +122,8 @@ class CellIndex:
         if not self.images:
             raise PipelineError(self.maps.path, "images/done", "no extracted image to index")
         channels = self.maps.load(self.images[0], self.layer, self.timestep, self.transform).features.shape[-1]
-        counts = [int(np.prod(image_cells(self.maps, image, self.layer))) for image in self.images]
+        counts = [int(np.prod([s.stop - s.start for s in image_cells(self.maps, image, self.layer)]))
+                  for image in self.images]
         total = sum(counts)
         if total * channels * 4 <= FLAT_LIMIT_BYTES:
             index = faiss.IndexFlatIP(channels)
