@@ -167,3 +167,13 @@ def test_a_setting_is_never_pooled():
     assert len(metrics.in_setting(table)) == 1
     with pytest.raises(PipelineError, match="several rows per variant"):
         metrics.in_setting(table.drop(columns="protocol"))  # two protocols no longer told apart
+
+
+def test_depth_follows_the_forward_order_not_the_names():
+    flux = metrics.layer_depth(["single_transformer_blocks.0", "transformer_blocks.18", "single_transformer_blocks.37",
+                                "transformer_blocks.2", "single_transformer_blocks.9"])
+    assert sorted(flux, key=flux.get) == ["transformer_blocks.2", "transformer_blocks.18", "single_transformer_blocks.0",
+                                          "single_transformer_blocks.9", "single_transformer_blocks.37"]
+    unet = metrics.layer_depth(["up_blocks.0", "mid_block", "down_blocks.2", "up_blocks.10", "up_blocks.2"])
+    assert sorted(unet, key=unet.get) == ["down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.2", "up_blocks.10"]
+    assert unet["up_blocks.10"] == 1.0 and unet["down_blocks.2"] == 0.2

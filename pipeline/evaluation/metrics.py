@@ -373,9 +373,19 @@ def format_headline(table: pd.DataFrame) -> str:
     return f"PCK@{HEADLINE_ALPHA:g} (pairs: scored/of the split)\n" + head.to_string(float_format=lambda v: f"{v:.3f}")
 
 
+# The order a forward pass runs a model's block lists in (not their names' alphabetical order): a U-Net's down,
+# mid then up blocks; FLUX's double-stream `transformer_blocks` before its `single_transformer_blocks`.
+STAGE_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1}
+
+
 def layer_depth(layers) -> dict[str, float]:
-    """Relative depth in (0, 1] of each module path, ordered by its trailing block number."""
-    ordered = sorted(set(layers), key=lambda name: [int(p) if p.isdigit() else p for p in name.replace(".", " ").split()])
+    """Relative depth in (0, 1] of each module path among `layers`: by the forward order of its block list
+    (STAGE_ORDER), then its block number."""
+    def key(name: str):
+        parts = name.split(".")
+        return [STAGE_ORDER.get(parts[0], 0)] + [int(p) if p.isdigit() else p for p in parts]
+
+    ordered = sorted(set(layers), key=key)
     return {name: (i + 1) / len(ordered) for i, name in enumerate(ordered)}
 
 
