@@ -1,5 +1,6 @@
 """`cli.py verify` finds what interrupted runs, bad data or edits leave in a store, image by image."""
 
+import fcntl
 import json
 import shutil
 from dataclasses import replace
@@ -44,7 +45,9 @@ def test_damage_is_reported_per_image(copy):
 
     problems, _ = verify(copy)
     found = {(p.image, p.where): p.reason for p in problems}
-    assert found[(images[5], "transformer_blocks.1/features")] == "missing: flagged done but never written"
+    assert found[(images[5], "transformer_blocks.1/features")] == (
+        "missing: flagged done but never written, or deleted (chunk transformer_blocks.1/features/c/5/0/0/0/0: missing); "
+        "`cli.py extract` (or `encode`) computes the image again")
     assert found[(images[3], "transformer_blocks.3/features")] == "4 non-finite values"
     assert found[(images[7], "images/done")] == "not done (resume the stage that writes it)"
     assert "does not match the recorded parameters" in found[(None, "fingerprint")]
@@ -70,7 +73,9 @@ def test_a_second_writer_is_refused(demo_stores, tmp_path):
     out = tmp_path / "vae-sd3.zarr"
     params = BackboneParams(kind="vae-sd3", model=demo_stores["models"]["tiny-sd3"], latents="tiny-sd3",
                             layers=["latent"], timesteps=[261], ensemble=1, noise=False)
-    with store.writer_lock(out):
+    lock = tmp_path / "vae-sd3.zarr.lock"
+    with open(lock, "a+") as held:  # another process's lock: its own open file description
+        fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(PipelineError, match=r"vae-sd3.zarr: another process is writing this store \(it holds "
                                                 r".*vae-sd3.zarr.lock\); wait for it to finish or stop it"):
             extract(params, "vae-sd3", demo_stores["latents"]["tiny-sd3"], out)

@@ -17,6 +17,11 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
   about the product of their two residuals: second order in what the axes leave out, where rounding each
   value (int8 with per-channel and per-cell scales, measured and dropped; bfloat16) errs to first order
   (README, "Storage", for the measurements).
+
+Whatever the choice, every chunk of every array (features, latents and the per-image tables alike) ends
+with its crc32c (`CHECKSUM`, Zarr v3's standard `crc32c` codec, last in the chain): any Zarr v3 reader
+verifies it on read, so a damaged chunk is an error, never a value (store schema 3; stores of schema 2
+have none, see README, "The store").
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import zarr
 from threadpoolctl import ThreadpoolController
 from zarr.abc.codec import ArrayBytesCodec
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.core.common import parse_named_configuration
 
@@ -326,20 +331,24 @@ UINT8_LOSSLESS = {"canvas": FixedScaleOffset(offset=-1.0, scale=127.5, dtype="<f
                   "zero": FixedScaleOffset(offset=0.0, scale=1.0, dtype="<f4", astype="|u1")}
 
 
+CHECKSUM = Crc32cCodec()
+
+
 def codecs(storage: str, basis: Basis | None = None) -> dict:
     """`create_array` keywords (filters, serializer, compressors) for an array kept as `storage`: a
     features array's choice (`pca:K` with its layer's fitted `basis`), or a pixels store's `canvas` or
     `zero` (UINT8_LOSSLESS)."""
+    zstd = ZstdCodec(level=3)
     if storage in UINT8_LOSSLESS:
-        return {"filters": UINT8_LOSSLESS[storage], "compressors": ZstdCodec(level=3)}
+        return {"filters": UINT8_LOSSLESS[storage], "compressors": (zstd, CHECKSUM)}
     kind, components = parse_storage(storage)
     if kind == "float16-shuffle":
-        return {"compressors": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)}
+        return {"compressors": (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2), CHECKSUM)}
     if kind == "pca":
         if basis is None or len(basis.axes) != min(components, basis.axes.shape[1]):
             raise ValueError(f"{storage} needs its layer's fitted basis of {components} axes")
-        return {"serializer": LayerPCA(basis), "compressors": ZstdCodec(level=3)}
-    return {"compressors": ZstdCodec(level=3)}
+        return {"serializer": LayerPCA(basis), "compressors": (zstd, CHECKSUM)}
+    return {"compressors": (zstd, CHECKSUM)}
 
 
 def chunk_bytes(storage: str, shape) -> int:

@@ -103,7 +103,8 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
         factors = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
                    "latent_channels": vae.config.latent_channels}
     determinants = {**asdict(params), "model_identity": model_identity(params.model),
-                    "images": store.fingerprint(table.to_dict("list")), **code_identities([sys.modules[__name__]])}
+                    "images": store.fingerprint(table.to_dict("list")),
+                    "schema_version": store.SCHEMA_VERSION, **code_identities([sys.modules[__name__]])}
     determinants.pop("device")
     attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
@@ -116,6 +117,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     skipped = []
     with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, table, None, replace)
+        store.redo(root, out)
         done = store.done_mask(root)
         paths = images.set_index("image")["path"]
         with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:

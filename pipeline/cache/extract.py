@@ -118,6 +118,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     }
     with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
+        store.redo(root, out)
         if codecs.parse_storage(params.storage)[0] == "pca" and not all(layer in root for layer in params.layers):
             fit = (params, str(latents_path), str(out), fit_sample(len(images), params.fit_images, params.seed))
             _fit_axes(*fit) if client is None else client.submit(_fit_axes, *fit, pure=False).result()

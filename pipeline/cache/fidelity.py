@@ -8,8 +8,14 @@ transform configured for the backbone, and records per layer in the store's attr
 of predictions identical to float16's, and the largest change of PCK@0.1 (bbox, in points) over the layer's
 timesteps and transforms. For scale, the same two figures are recorded for the reference's own features
 rounded to bfloat16 (`bfloat16_identical`, `bfloat16_pck_change`): how far predictions move with no encoding
-at all, from the last rounding of a model computed in bfloat16 (FLUX in the real profile). On near-flat maps
+at all, from the last rounding of a model computed in bfloat16 (FLUX in the real profile), read through
+`Bfloat16Maps` (rounded in memory: the reference on disk is written once, never rewritten). On near-flat maps
 (random weights) even that moves a few percent of predictions by a pixel. The reference is then deleted.
+
+The whole of it runs under the store's one writer lock, and each step can be killed and run again: the
+sample and the reference resume as any extraction does, matching is in memory, and the figures are one
+attribute written last (then the reference, no longer needed, is deleted, or on a later run if a kill came
+first).
 Only then, if every layer meets `fidelity.min_identical` and `fidelity.max_pck_change` (params.yaml), are
 the other images extracted. The figures record their `sample` and `transforms`, and are measured again
 only when those change. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify`
@@ -29,6 +35,7 @@ import torch
 import zarr
 
 from pipeline.cache import codecs, store
+from pipeline.cache.maps import StoreMaps
 
 
 def extract_measured(params, name: str, out, replace: str = "never", client=None, on_error: str = "fail",
@@ -47,25 +54,27 @@ def extract_measured(params, name: str, out, replace: str = "never", client=None
     if not codecs.is_lossy(backbone.storage):
         extract(backbone, name, latents_path, out, **run)
         return None
-    keys = list(store.read_images(open_latents(latents_path))["image"])
-    fit = [keys[i] for i in fit_sample(len(keys), backbone.fit_images, backbone.seed)] \
-        if codecs.parse_storage(backbone.storage)[0] == "pca" else []
-    chosen, sample = sample_pairs(pd.read_parquet(params.data.pairs), params.fidelity.images, avoid=fit)
-    extract(backbone, name, latents_path, out, first=chosen, **run)
-    attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
-    specs = params.match.transforms_for(name)
-    measured = attrs.get("fidelity", {})
-    if measured.get("sample") != chosen or measured.get("transforms") != specs:  # none yet, or another sample
-        measure(backbone, name, latents_path, out, sample, chosen, specs)
+    with store.writer_lock(out), store.writing(out):
+        keys = list(store.read_images(open_latents(latents_path))["image"])
+        fit = [keys[i] for i in fit_sample(len(keys), backbone.fit_images, backbone.seed)] \
+            if codecs.parse_storage(backbone.storage)[0] == "pca" else []
+        chosen, sample = sample_pairs(pd.read_parquet(params.data.pairs), params.fidelity.images, avoid=fit)
+        extract(backbone, name, latents_path, out, first=chosen, **run)
         attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
-    problems = fidelity_problems(attrs, params.fidelity.min_identical, params.fidelity.max_pck_change)
-    if problems:
-        from pipeline.errors import PipelineError
+        specs = params.match.transforms_for(name)
+        measured = attrs.get("fidelity", {})
+        if measured.get("sample") != chosen or measured.get("transforms") != specs:  # none yet, or another sample
+            measure(backbone, name, latents_path, out, sample, chosen, specs)
+            attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
+        shutil.rmtree(reference_path(out), ignore_errors=True)  # a run killed after recording the figures left it
+        problems = fidelity_problems(attrs, params.fidelity.min_identical, params.fidelity.max_pck_change)
+        if problems:
+            from pipeline.errors import PipelineError
 
-        raise PipelineError(out, "fidelity", "; ".join(f"{layer}: {why}" for layer, why in problems)
-                            + f" (on {len(chosen)} images, before the other {len(keys) - len(chosen)}: choose other "
-                            "storage, or relax fidelity in params.yaml, and run again)")
-    extract(backbone, name, latents_path, out, **(run | {"replace": "never"}))  # the same store: it resumes
+            raise PipelineError(out, "fidelity", "; ".join(f"{layer}: {why}" for layer, why in problems)
+                                + f" (on {len(chosen)} images, before the other {len(keys) - len(chosen)}: choose other "
+                                "storage, or relax fidelity in params.yaml, and run again)")
+        extract(backbone, name, latents_path, out, **(run | {"replace": "never"}))  # the same store: it resumes
     return attrs["fidelity"]["layers"]
 
 
@@ -95,17 +104,15 @@ def measure(params, name: str, latents_path, out, sample: pd.DataFrame, chosen: 
     from pipeline.matching.match import match_store
 
     fit = zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs.get("fit_images", [])
-    reference_path = Path(f"{out}.fidelity-reference")
-    reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path,
+    reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path(out),
                         replace="outdated", only=chosen, check_disk=False)
 
-    def matched(path):
-        return match_store(path, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
+    def matched(maps):
+        return match_store(maps, sample, protocols=["dift"], statistics="none", transform_specs=transform_specs)
 
-    float16 = matched(reference)
-    per_variant = agreement(matched(out), float16)
-    round_to_bfloat16(reference)
-    floor = agreement(matched(reference), float16).groupby("layer")
+    float16 = matched(StoreMaps(reference))
+    per_variant = agreement(matched(StoreMaps(out)), float16)
+    floor = agreement(matched(Bfloat16Maps(reference)), float16).groupby("layer")
     fidelity = {}
     for layer, rows in per_variant.groupby("layer", sort=True):
         # Every variant of a layer predicts the same keypoints: the mean of their rates is the pooled rate.
@@ -120,8 +127,13 @@ def measure(params, name: str, latents_path, out, sample: pd.DataFrame, chosen: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(root.store)
-    shutil.rmtree(reference_path)
+    shutil.rmtree(reference_path(out))
     return fidelity
+
+
+def reference_path(out) -> Path:
+    """Where a lossy store's float16 reference is extracted while its fidelity is measured."""
+    return Path(f"{out}.fidelity-reference")
 
 
 def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
@@ -131,13 +143,11 @@ def bfloat16_rounding(values: np.ndarray) -> np.ndarray:
     return np.clip(rounded, -65504, 65504).astype(np.float16)
 
 
-def round_to_bfloat16(path) -> None:
-    """Round a float16 features store's `features` to bfloat16 in place."""
-    root = zarr.open_group(store.local(path), mode="r+", use_consolidated=False)
-    for layer in store.layers(root):
-        features = root[layer]["features"]
-        for index in range(features.shape[0]):
-            features[index] = bfloat16_rounding(features[index])
+class Bfloat16Maps(StoreMaps):
+    """A float16 store's maps as if its features had been rounded to bfloat16 (`bfloat16_rounding`), in memory."""
+
+    def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
+        return bfloat16_rounding(super().raw(image, layer, timestep)).astype(np.float32)
 
 
 def agreement(stored: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:

@@ -63,7 +63,7 @@ class StoreMaps:
 
     def __reduce__(self):
         # Shipped to dask workers as its path: each worker opens the store itself.
-        return StoreMaps, (self.path,)
+        return type(self), (self.path,)
 
     def check_variant(self, layer: str, timestep: int) -> None:
         """Refuse a layer or timestep the store does not have, in one line."""
@@ -89,11 +89,27 @@ class StoreMaps:
             if not self.images.at[key, "done"]:
                 raise PipelineError(self.path, "images/done", f"image {key!r} is not extracted yet; resume extraction")
 
+    def read(self, layer: str, array: str, image: str, timestep: int) -> np.ndarray:
+        """One image's chunk of a layer's array at a timestep, as stored; a damaged chunk is a one-line error
+        naming it, never a value."""
+        node = self.root[layer][array]
+        at = (self.position[image], self.timesteps.index(timestep))
+        try:
+            return node[at]
+        except ValueError as exc:
+            if "checksum" not in str(exc):
+                raise
+            key = node.metadata.encode_chunk_key(at + (0,) * (node.ndim - 2))
+            raise PipelineError(self.path, f"{node.path}/{key}", f"damaged chunk of image {image!r} (checksum mismatch); "
+                                "`cli.py verify` lists every damaged chunk, `cli.py extract` computes their images "
+                                "again") from None
+
     def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
-        features = self.root[layer]["features"][self.position[image], self.timesteps.index(timestep)]
-        features = features.astype(np.float32)
+        features = self.read(layer, "features", image, timestep).astype(np.float32)
         if not np.isfinite(features).all():
-            raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}")
+            missing = "missing (never written, or its chunk was deleted)" if np.isnan(features).all() else "non-finite values"
+            raise PipelineError(self.path, f"{layer}/features", f"{missing} for image {image!r}; `cli.py verify` checks "
+                                                                 "the store, `cli.py extract` computes such images again")
         return features
 
     def dropped(self, layer: str, timestep: int, spec: str) -> str:
@@ -123,10 +139,9 @@ class StoreMaps:
         if not steps:
             return None
         node = self.root[layer]
-        index, t = self.position[image], self.timesteps.index(timestep)
         has_modulation = "shift" in node and "scale" in node
-        shift = node["shift"][index, t].astype(np.float32) if has_modulation else None
-        scale = node["scale"][index, t].astype(np.float32) if has_modulation else None
+        shift = self.read(layer, "shift", image, timestep).astype(np.float32) if has_modulation else None
+        scale = self.read(layer, "scale", image, timestep).astype(np.float32) if has_modulation else None
         massive = self.massive(layer, timestep)
 
         def apply(cells: np.ndarray) -> np.ndarray:

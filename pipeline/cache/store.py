@@ -17,12 +17,18 @@ write under their driver's lock.
 
 An image that fails under `on_error: skip` is not done: its reason is in `images/error`, and the
 next run tries it again.
+
+Every chunk ends with its crc32c (pipeline/cache/codecs.py, `CHECKSUM`): reading a damaged chunk is an
+error, never a value. A run that resumes a store first checks the chunks of its done images
+(`damaged_chunks`: the stored bytes against their checksums, and no chunk missing) and does again the
+images with a damaged or missing one (`redo`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import errno
 import fcntl
 import hashlib
@@ -33,15 +39,17 @@ import sys
 import warnings
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pandas as pd
 import zarr
+from tqdm import tqdm
 from zarr.core.sync import sync
 
 from pipeline.cache import codecs
 from pipeline.errors import PipelineError
 
-SCHEMA_VERSION = 2  # 2: layers carry `overflow` counts
+SCHEMA_VERSION = 3  # 2: layers carry `overflow` counts; 3: every chunk ends with a crc32c checksum
 IMAGE_COLUMNS = ("category", "width", "height", "valid_x0", "valid_y0", "valid_x1", "valid_y1")
 
 
@@ -87,11 +95,18 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
                 raise PipelineError(path, None, f"cannot read this store ({type(exc).__name__}: {exc}); it was left as "
                                                 "it is: fix access to it, or replace it with --overwrite") from None
             found, what = None, f"unreadable ({type(exc).__name__})"
-        if found is not None and found.get("fingerprint") == attrs["fingerprint"]:
+        if found is not None and "fingerprint" in found and \
+                fingerprint(found.get("determinants", {})) != found["fingerprint"]:
+            if replace != "any":
+                raise PipelineError(path, "fingerprint", f"{found['fingerprint']} does not match the parameters recorded "
+                                                         "in the store (its attributes were edited or damaged); it was left "
+                                                         "as it is: `cli.py verify` checks it, --overwrite rebuilds it")
+            what = "attributes edited or damaged"
+        elif found is not None and found.get("fingerprint") == attrs["fingerprint"]:
             for leftover in path.rglob("*.partial"):  # a killed writer's unfinished chunk
                 leftover.unlink()
             return root
-        if found is not None and "fingerprint" not in found:
+        elif found is not None and "fingerprint" not in found:
             if replace != "any":
                 raise PipelineError(path, "fingerprint", "not a dift-cache store; it was left as it is "
                                                          "(--overwrite replaces it)")
@@ -121,10 +136,17 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
     return root
 
 
+_held: set[Path] = set()  # the locks this process holds: taken again inside (one extraction's steps) they nest
+
+
 @contextlib.contextmanager
 def writer_lock(path: str | Path):
-    """Hold `<store>.lock` while writing `path`; a second writer is refused, not queued."""
-    lock = Path(f"{local(path)}.lock")
+    """Hold `<store>.lock` while writing `path`; a second writer is refused, not queued. Nested in this
+    process (a lossy store's fidelity steps inside its extraction), it is the one lock, held throughout."""
+    lock = Path(f"{local(path)}.lock").absolute()
+    if lock in _held:
+        yield
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(lock, "a+")
@@ -140,9 +162,11 @@ def writer_lock(path: str | Path):
         if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
             break
         handle.close()
+    _held.add(lock)
     try:
         yield
     finally:
+        _held.discard(lock)
         lock.unlink(missing_ok=True)
         handle.close()
 
@@ -235,6 +259,68 @@ def pending_count(path: str | Path, determinants: dict, images: int) -> int:
     except Exception:  # noqa: BLE001 - absent or unreadable: opening it for writing reports that
         pass
     return images
+
+
+def data_nodes(root: zarr.Group) -> list[str]:
+    """The nodes holding per-image data: a features store's layers, a latents store's posterior."""
+    return layers(root) if root.attrs.get("kind") == "features" else [n for n in ("posterior",) if n in root]
+
+
+def per_image_arrays(root: zarr.Group) -> list[zarr.Array]:
+    """Every array of the data nodes with a row per image (not their coordinates)."""
+    return [root[name][key] for name in data_nodes(root) for key in sorted(root[name].array_keys())
+            if tuple(root[name][key].metadata.dimension_names or ())[:1] == ("image",)]
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    return any(codec.to_dict().get("name") == "crc32c" for codec in array.metadata.codecs)
+
+
+def chunk_keys(array: zarr.Array, index: int) -> list[str]:
+    """The keys (`<array path>/c/...`) of the chunks that hold image `index` of `array`."""
+    grid = [-(-size // chunk) for size, chunk in zip(array.shape, array.chunks)]
+    return [f"{array.path}/{array.metadata.encode_chunk_key((index, *rest))}"
+            for rest in itertools.product(*(range(n) for n in grid[1:]))]
+
+
+def damaged_chunks(root: zarr.Group, path: str | Path, indices) -> dict[int, list[str]]:
+    """Per image of `indices`, its chunks that fail their checksum or are missing from an array that no
+    image leaves empty (float arrays: their fill value, NaN, is never a value), as `<key>: <reason>`. The
+    stored bytes are checked, not decoded: a scan at disk speed. A local store's only; {} for a URL."""
+    if is_url(path):
+        return {}
+    arrays = [(array, has_checksums(array), np.isnan(array.metadata.fill_value)
+               if np.dtype(array.dtype).kind == "f" else False) for array in per_image_arrays(root)]
+    found: dict[int, list[str]] = {}
+    indices = list(indices)
+    for index in tqdm(indices, unit="img", desc=f"check {Path(str(path)).name}", disable=len(indices) < 100):
+        for array, checksummed, never_empty in arrays:
+            for key in chunk_keys(array, index):
+                try:
+                    data = (Path(path) / key).read_bytes()
+                except FileNotFoundError:
+                    if never_empty:
+                        found.setdefault(index, []).append(f"{key}: missing")
+                    continue
+                if checksummed and (len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")):
+                    found.setdefault(index, []).append(f"{key}: checksum mismatch (damaged)")
+    return found
+
+
+def redo(root: zarr.Group, path: str | Path) -> list[str]:
+    """Flag not done the done images with a damaged or missing chunk, so that this run extracts (encodes)
+    them again, and say so; their keys."""
+    done = np.flatnonzero(done_mask(root))
+    damaged = damaged_chunks(root, path, done)
+    if not damaged:
+        return []
+    keys = root["image"][:]
+    print(f"{path}: {len(damaged)} done image(s) have a damaged or missing chunk; computing them again:", file=sys.stderr)
+    for index, chunks in sorted(damaged.items()):
+        print(f"  {keys[index]}: {'; '.join(chunks[:3])}" + (f" (+{len(chunks) - 3} more)" if len(chunks) > 3 else ""),
+              file=sys.stderr)
+        root["images/done"][index] = False
+    return [str(keys[index]) for index in sorted(damaged)]
 
 
 def errors(root: zarr.Group) -> np.ndarray:

@@ -3,7 +3,8 @@ model could leave behind, and names the image for each problem.
 
 - the fingerprint matches the parameters recorded in the store (and, given them, today's params);
 - every array has the shape and dimension names of the store contract;
-- every image is done, and every done image has all its chunks, all finite;
+- every image is done, and every done image has all its chunks, each matching its checksum (a damaged
+  chunk is named, with its image and layer), all finite;
 - no temporary chunk file of an interrupted writer is left over.
 """
 
@@ -50,8 +51,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
     problems += [Problem(None, f"fidelity: {layer}", reason) for layer, reason in fidelity_problems(attrs, *fidelity_limits)]
     images = store.read_images(root)
     count = len(images)
-    nodes = {name: root[name] for name in (store.layers(root) if attrs.get("kind") == "features" else ["posterior"])
-             if name in root}
+    nodes = {name: root[name] for name in store.data_nodes(root)}
     timesteps = root["timestep"].shape[0] if "timestep" in root else None
     arrays = []
     for name, node in nodes.items():
@@ -66,19 +66,36 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
             else:
                 arrays.append((f"{name}/{key}", array))
 
+    damaged = store.damaged_chunks(root, path, np.flatnonzero(images["done"].to_numpy()))
     for index, row in tqdm(list(images.iterrows()), unit="img", desc=f"verify {Path(str(path)).name}"):
         if not row["done"]:
             reason = f"skipped: {row['error']}" if row["error"] else "not done (resume the stage that writes it)"
             problems.append(Problem(row["image"], "images/done", reason))
             continue
+        bad: dict[str, list[str]] = {}
+        for chunk in damaged.get(index, []):
+            bad.setdefault(chunk.split("/c/")[0], []).append(chunk)
+        problems += [Problem(row["image"], where, ("missing: flagged done but never written, or deleted" if all(
+            c.endswith("missing") for c in chunks) else "damaged") + f" (chunk {'; '.join(chunks)}); `cli.py extract` "
+                             "(or `encode`) computes the image again") for where, chunks in bad.items()]
         for where, array in arrays:
-            values = array[index]
+            if where in bad:
+                continue
+            try:
+                values = array[index]
+            except ValueError as exc:  # a URL store's damaged chunk: zarr's crc32c codec refuses it
+                problems.append(Problem(row["image"], where, f"damaged chunk ({exc})"))
+                continue
             if np.isnan(values).all():
                 problems.append(Problem(row["image"], where, "missing: flagged done but never written"))
             elif not np.isfinite(values).all():
                 problems.append(Problem(row["image"], where, f"{int((~np.isfinite(values)).sum())} non-finite values"))
+    unchecked = sum(not store.has_checksums(array) for _, array in arrays)
     summary = (f"{path}: {attrs.get('kind')} store, {int(images['done'].sum())}/{count} images done, "
                f"{len(nodes)} layer(s), {len(arrays)} arrays checked, fingerprint {attrs['fingerprint']}")
+    if unchecked:
+        summary += (f"; {unchecked} array(s) without checksums (schema {attrs.get('schema_version', 1)}: a bit flip there "
+                    "reads as a value; extract with --overwrite to rebuild with them)")
     clipped = store.overflow(root)
     if clipped:
         summary += "; values clipped to float16's range: " + ", ".join(f"{k} {v}" for k, v in clipped.items())
