@@ -60,6 +60,23 @@ _threshold_option = click.option(
     help="PCK threshold: alpha x the target's box side (bbox) or image side (img), repeatable; default match.thresholds.")
 _params_option = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path("params.yaml"),
                               show_default=True, help="Parameters file: the defaults of every option.")
+_allow_stale_option = click.option(
+    "--allow-stale", is_flag=True,
+    help="Read a store that params.yaml and the code would now build otherwise (its fingerprint differs), "
+         "saying so with the results; without it such a store is refused.")
+
+
+def _current(paths, params, params_file: Path, allow_stale: bool) -> list[str]:
+    """Refuse a stale store (pipeline/cache/current.py) before any work; with --allow-stale, the warning lines
+    to print with the results."""
+    from pipeline.cache.current import check_current
+
+    return [line for path in paths if (line := check_current(path, params, allow_stale, params_file))]
+
+
+def _warn(warnings: list[str]) -> None:
+    for line in warnings:
+        click.echo(line, err=True)
 
 @cli.command()
 @click.argument("dataset")
@@ -245,8 +262,9 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
 @_dask_options
 @_on_error_option
 @_params_option
+@_allow_stale_option
 def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, device, transform_specs, weights, out,
-          scheduler, workers, on_error, params_file):
+          scheduler, workers, on_error, params_file, allow_stale):
     """Predict every target keypoint from a cached store and print PCK per layer and timestep. Every option
     left out takes its value from params.yaml, so this gives the predictions of the `match@<backbone>` stage."""
     import pandas as pd
@@ -256,6 +274,7 @@ def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, de
     from pipeline.matching.match import match_to_file
 
     params = _settings(params_file)
+    stale = _current(paths, params, params_file, allow_stale)
     table = pd.read_parquet(pairs or params.data.pairs)
     source = StoreMaps(paths[0])
     name, specs = source.name, transform_specs or params.match.transforms_for(source.name)
@@ -276,6 +295,7 @@ def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, de
         click.echo(metrics.format_headline(metrics.score_files([out], client,
                                                                thresholds=thresholds or params.match.thresholds)))
     click.echo(f"predictions -> {out}")
+    _warn(stale)
 
 
 @cli.command()
@@ -288,7 +308,8 @@ def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, de
 @click.option("--out", type=click.Path(path_type=Path), default=LOOKUPS / "heatmap.png", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Allow writing into an output of the pipeline (e.g. reports/).")
 @_params_option
-def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_file):
+@_allow_stale_option
+def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_file, allow_stale):
     """Heatmaps: the query on the source, the cosine map on the target, per store and layer."""
     import pandas as pd
 
@@ -296,7 +317,9 @@ def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_f
     from pipeline.cache.maps import StoreMaps
     from pipeline.evaluation.figures import Variant, heatmaps
 
-    data = _settings(params_file).data
+    params = _settings(params_file)
+    data = params.data
+    stale = _current(stores, params, params_file, allow_stale)
     variants = []
     for path in stores:
         maps = StoreMaps(path)
@@ -309,6 +332,7 @@ def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_f
     written = heatmaps(variants, pd.read_parquet(data.pairs), pd.read_parquet(data.images), data.root, out,
                        pair_name, keypoint)
     click.echo(f"heatmaps -> {written}")
+    _warn(stale)
 
 
 @cli.command()
@@ -316,7 +340,8 @@ def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_f
               help="Features store (repeatable); default every backbone's store under `store` in params.yaml.")
 @click.option("--port", type=int, default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
 @_params_option
-def explore(stores, port, params_file):
+@_allow_stale_option
+def explore(stores, port, params_file, allow_stale):
     """A local web page over cached stores: click a source point, see every layer, timestep and transform
     answer (cosine maps, predictions, histograms, PCK), and the most similar cells in the dataset."""
     import pandas as pd
@@ -333,7 +358,8 @@ def explore(stores, port, params_file):
     explorer = Explorer(stores, pd.read_parquet(params.data.pairs), pd.read_parquet(params.data.images), params.data.root,
                         transforms={name: params.match.transforms_for(name) for name in names},
                         predictions={name: Path(params.match.predictions) / f"{name}.parquet" for name in names},
-                        best=load_best(BEST_DIR))
+                        best=load_best(BEST_DIR), params=params, allow_stale=allow_stale, source=params_file)
+    _warn(list(explorer.stale.values()))
     serve(explorer, port)
 
 
@@ -345,7 +371,9 @@ def explore(stores, port, params_file):
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
 @click.option("--transform", default="raw", show_default=True, help="Feature transform (see `match --transform`).")
 @click.option("--top", type=int, default=20, show_default=True, help="Cells listed.")
-def search(path, layer, image, point, timestep, transform, top):
+@_params_option
+@_allow_stale_option
+def search(path, layer, image, point, timestep, transform, top, params_file, allow_stale):
     """The cells of every image most similar to the cell under a point (FAISS index kept next to the store)."""
     from tabulate import tabulate
 
@@ -356,10 +384,12 @@ def search(path, layer, image, point, timestep, transform, top):
         x, y = (float(v) for v in point.split(","))
     except ValueError:
         raise PipelineError(None, "point", f"expected x,y, got {point!r}") from None
+    stale = _current([path], _settings(params_file), params_file, allow_stale)
     maps = StoreMaps(path)
     key = image if image in maps.position else maps.image_key_for(image)
     found = CellIndex(maps, layer, timestep, transform).search(key, (x, y), top)
     click.echo(tabulate(found, headers="keys", showindex=False, floatfmt=".4f"))
+    _warn(stale)
 
 
 @cli.command()
@@ -367,17 +397,21 @@ def search(path, layer, image, point, timestep, transform, top):
 @click.option("--layer", required=True, help="Layer (module path).")
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
 @click.option("--top", type=int, default=10, show_default=True, help="Channels listed.")
-def inspect(path, layer, timestep, top):
+@_params_option
+@_allow_stale_option
+def inspect(path, layer, timestep, top, params_file, allow_stale):
     """Per-channel magnitude statistics of a layer, and the detected massive channels."""
     from pipeline.cache.maps import StoreMaps
     from pipeline.matching.transforms import channel_statistics
 
+    stale = _current([path], _settings(params_file), params_file, allow_stale)
     maps = StoreMaps(path)
     timestep = timestep if timestep is not None else maps.timesteps[0]
     maps.check_variant(layer, timestep)
     images = [image for image in maps.images.index if maps.images.at[image, "done"]][:16]
     click.echo(channel_statistics(np.stack([maps.raw(image, layer, timestep) for image in images]), top))
     click.echo(f"massive channels (drop:auto): {list(maps.massive(layer, timestep))}")
+    _warn(stale)
 
 
 @cli.command()
@@ -392,12 +426,15 @@ def inspect(path, layer, timestep, top):
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
 @click.option("--max-points", type=int, default=400, show_default=True, help="Edit pixels matched.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Point sampling seed.")
-def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
+@_params_option
+@_allow_stale_option
+def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed, params_file, allow_stale):
     """Carry an edit (RGBA sticker) from a source image onto a target, from cached features."""
     from pipeline.data import images
     from pipeline.matching import propagate as edit_propagation
     from pipeline.cache.maps import StoreMaps
 
+    stale = _current([path], _settings(params_file), params_file, allow_stale)
     maps = StoreMaps(path)
     keys = maps.image_key_for(src), maps.image_key_for(trg)
     composite, _, info_ = edit_propagation.propagate(
@@ -407,6 +444,7 @@ def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed):
     images.save_image(out, composite)
     click.echo(f"{info_['method']}: {info_['inliers']}/{info_['matches']} inliers, edit centre "
                f"({info_['centre'][0]:.1f}, {info_['centre'][1]:.1f}) -> {out}")
+    _warn(stale)
 
 
 @cli.command()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import cluster
+from pipeline.cache.current import check_current
 from pipeline.config import load_params
 from pipeline.matching.match import match_to_file
 from stages import run
@@ -13,6 +14,9 @@ from stages import run
 
 def main(name: str) -> None:
     params = load_params()
+    # A store params.yaml and the code would now build otherwise (e.g. after a library upgrade, which DVC
+    # does not see) is refused in one line, naming what differs, before any work.
+    check_current(params.store_path(name), params, allow_stale=False, anyway=None)
     pairs = pd.read_parquet(params.data.pairs)
     with cluster.connect(params.dask.scheduler, params.dask.workers) as client:
         match_to_file(params.store_path(name), pairs, Path(params.match.predictions) / f"{name}.parquet",

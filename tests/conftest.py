@@ -61,6 +61,16 @@ def store_files(path: Path) -> dict[str, bytes]:
             if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory) -> Path:
+    """Model files' digests (pipeline/cache/provenance.py) cached in the session's temporary folder, not the
+    user's ~/.cache; stages run in subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("dift-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFT_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def spair_sample(tmp_path) -> Path:
     """A copy of the real SPair annotation sample with placeholder JPEGs of the annotated sizes."""

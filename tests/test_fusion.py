@@ -42,7 +42,10 @@ def test_fusion_equals_a_store_of_concatenated_normalised_features(demo_stores, 
     assert predictions["backbone"].iloc[0] == "tiny-sd2*0.7+tiny-sd3*0.3"
 
 
-def test_cli_fuses_stores_of_different_grids(demo_stores, tmp_path):
+def test_cli_fuses_stores_of_different_grids(demo_stores, tmp_path, monkeypatch):
+    # The demo stores are not the project's (the repository's params.yaml has a `vae-sd3` of its own, which
+    # would find this one stale): read them outside the project.
+    monkeypatch.chdir(tmp_path)
     pairs = tmp_path / "pairs.parquet"
     demo_stores["pairs"].head(4).to_parquet(pairs)
     stores = [str(demo_stores["stores"][name]) for name in ("tiny-sd2", "vae-sd3")]  # 8x8 and 16x16 cells

@@ -16,8 +16,8 @@ from cli import cli
 from conftest import store_files
 from pipeline.cache import provenance, store
 from pipeline.cache.encode import encode
-from pipeline.cache.extract import feature_modules
-from pipeline.config import EncoderParams
+from pipeline.cache import extract
+from pipeline.config import BackboneParams, EncoderParams
 from pipeline.data.spair import load_split
 from pipeline.demo.tiny_models import make_tiny
 from pipeline.models.backbones import sd2
@@ -71,11 +71,12 @@ def test_code_identity_ignores_comments_and_docstrings_but_not_code(tmp_path, mo
     import importlib
 
     loaded = importlib.import_module("feature_code")
-    first = provenance.code_identity(loaded)
+    first = provenance.code_closure([loaded.f])
+    assert list(first) == ["feature_code.f"]
     module.write_text('# a comment\ndef f(x):\n    """Another doc."""\n\n    return x + 1  # same code\n')
-    assert provenance.code_identity(importlib.reload(loaded)) == first
+    assert provenance.code_closure([importlib.reload(loaded).f]) == first
     module.write_text('def f(x):\n    return x + 2\n')
-    assert provenance.code_identity(importlib.reload(loaded)) != first
+    assert provenance.code_closure([importlib.reload(loaded).f]) != first
     sys.modules.pop("feature_code")
 
 
@@ -105,7 +106,6 @@ def test_a_change_to_a_backbones_feature_code_rebuilds_under_dvc_and_is_refused_
     assert _stage(capsys)[0] == 0
     path = Path("store/b.zarr")
     old = zarr.open_group(path, mode="r")["up_blocks.1/features"][:]
-    assert sd2 in {m for m in feature_modules("sd2")}
 
     original_run = sd2.SD2.run
 
@@ -116,13 +116,14 @@ def test_a_change_to_a_backbones_feature_code_rebuilds_under_dvc_and_is_refused_
     refused = CliRunner().invoke(cli, ["extract", "--backbone", "b"])
     assert refused.exit_code == 2
     assert refused.output.startswith("error: store/b.zarr: fingerprint: store was built with other parameters, "
-                                     "model or code (code:pipeline.models.backbones.sd2: ")
+                                     "model or code (")
+    assert "pipeline.models.backbones.sd2.SD2.run" in refused.output
     assert np.array_equal(zarr.open_group(path, mode="r")["up_blocks.1/features"][:], old)  # refused, untouched
 
     status, err = _stage(capsys)
     assert status == 0
-    assert "store/b.zarr: replacing the store there (built with other parameters, model or code " \
-           "(code:pipeline.models.backbones.sd2: " in err
+    assert "store/b.zarr: replacing the store there (built with other parameters, model or code (" in err
+    assert "pipeline.models.backbones.sd2.SD2.run" in err
     new = zarr.open_group(path, mode="r")["up_blocks.1/features"][:]
     np.testing.assert_allclose(new.astype(np.float32), 2 * old.astype(np.float32), rtol=2e-3, atol=1e-3)
 
@@ -158,3 +159,225 @@ def test_a_zarr_group_that_is_not_a_store_is_never_replaced_by_the_stage(project
     assert status == 2 and err.strip() == ("error: store/b.zarr: fingerprint: not a dift-cache store; it was left "
                                            "as it is (--overwrite replaces it)")
     assert store_files(path) == before
+
+
+# A complete fingerprint (issue 26, point 2): the code the extraction reaches, the libraries' versions, the
+# model's full contents.
+
+
+LATENTS = "store/latents/e.zarr"
+
+
+def _params(project, **changes) -> BackboneParams:
+    model = yaml.safe_load((project / "params.yaml").read_text())["encoders"]["e"]["model"]
+    return BackboneParams(**{"kind": "sd2", "model": model, "latents": "e", "layers": ["up_blocks.1"],
+                             "timesteps": [261], "ensemble": 1, **changes})
+
+
+def _determinants(project, **changes) -> dict:
+    return extract._determinants(_params(project, **changes), dict(extract.open_latents(project / LATENTS).attrs))
+
+
+def test_a_change_to_the_extraction_loops_code_changes_the_fingerprint_and_is_named(project, monkeypatch):
+    """`_Images.maps` lives in pipeline/cache/extract.py, whose other functions (progress, locking, sharding)
+    do not count: the fingerprint follows what the extraction calls, not a list of modules."""
+    import torch
+
+    from pipeline.cache.features import image_maps
+    from pipeline.errors import PipelineError
+
+    before = _determinants(project)
+    expected = extract.expected_fingerprint(_params(project), project / LATENTS)
+    assert expected == store.fingerprint(before)
+
+    def maps_half_std(self, index):  # every value changes: the posterior's std is halved
+        source = self.sources[index]
+        image, category = self.images["image"].iloc[source], self.images["category"].iloc[source]
+        if not self.images["done"].iloc[source]:
+            raise PipelineError(self.latents_path, image, "not encoded")
+        mean = torch.from_numpy(self.mean[source]).permute(2, 0, 1)
+        std = torch.from_numpy(self.std[source]).permute(2, 0, 1) * 0.5
+        return image_maps(self.params, self.backbone, image, category, mean, std, self.out)
+
+    monkeypatch.setattr(extract._Images, "maps", maps_half_std)
+    after = _determinants(project)
+    assert extract.expected_fingerprint(_params(project), project / LATENTS) != expected
+    assert provenance.differences(before, after) == ["code pipeline.cache.extract._Images.maps changed"]
+
+
+def test_a_library_version_is_part_of_the_fingerprint(project, monkeypatch):
+    import importlib.metadata
+
+    before = _determinants(project)
+    assert set(before["versions"]) >= {"torch", "diffusers", "transformers", "zarr"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9" if name == "torch" else real(name))
+    after = _determinants(project)
+    assert store.fingerprint(after) != store.fingerprint(before)
+    assert provenance.differences(before, after) == [f"versions.torch: {before['versions']['torch']!r} -> '9.9.9'"]
+
+
+def test_code_the_extraction_does_not_reach_leaves_the_fingerprint_as_it_is(project, monkeypatch):
+    from pipeline import plan
+    from pipeline.models import backbones
+    from pipeline.models.backbones import flux
+
+    before = _determinants(project)
+    monkeypatch.setattr(backbones.ConfigParts, "load", lambda self, cls, subfolder=None, denoiser=False: None)
+    monkeypatch.setattr(plan, "make_plan", lambda params, images=None: {})
+    monkeypatch.setattr(flux.Flux, "run", lambda self, x, t, category: {})  # another backbone's code
+    monkeypatch.setattr(extract, "extract", lambda *args, **kwargs: None)  # orchestration: what the workers run counts
+    assert _determinants(project) == before
+
+
+def test_the_closure_holds_what_an_sd3_extraction_runs():
+    params = BackboneParams(kind="sd3", model="", latents="l", layers=["transformer_blocks.1"])
+    code = extract.feature_code(params)
+    assert {"pipeline.cache.features.image_maps", "pipeline.cache.features.layer_tensors",
+            "pipeline.cache.features.as_float16", "pipeline.cache.features.FLOAT16_MAX",
+            "pipeline.cache.extract._extract_images", "pipeline.cache.extract._Images.maps",
+            "pipeline.cache.extract._Images.lay_out", "pipeline.cache.store.write_image",
+            "pipeline.cache.codecs.OneBlasThread.__enter__",  # `codecs.one_blas_thread`: an instance, its class
+            "pipeline.models.backbones.sd3.SD3.run", "pipeline.models.backbones.sd3.SD3.modulation",
+            "pipeline.models.backbones.sd3.SD3.noised", "pipeline.models.backbones.Backbone.__init__",
+            "pipeline.models.backbones.Backbone.model_latent", "pipeline.models.backbones.capture",
+            "pipeline.models.backbones.flow_noised", "pipeline.models.backbones.adaln_modulation",
+            "pipeline.models.backbones.Parts.load", "pipeline.models.backbones.backbone_class"} <= set(code)
+    assert all(len(digest) == 12 for digest in code.values()) and list(code) == sorted(code)
+    assert not [name for name in code if "ConfigParts" in name or ".flux." in name or ".sd2." in name
+                or name.startswith(("pipeline.plan", "pipeline.cache.provenance"))]
+    assert "pipeline.cache.extract.extract" not in code and "pipeline.cache.extract._backbones" not in code
+    # The `pca:K` fit counts only for `pca:K`; a lossy storage brings the codecs' classes (Zarr's registry).
+    assert "pipeline.cache.extract._fit_axes" not in code and "pipeline.cache.codecs.LayerMoments.fit" not in code
+    pca = extract.feature_code(BackboneParams(kind="sd3", model="", latents="l", layers=["x"], storage="pca:8"))
+    assert {"pipeline.cache.extract._fit_axes", "pipeline.cache.codecs.LayerMoments.fit"} <= set(pca)
+
+
+def test_the_closure_is_live_and_follows_constants(monkeypatch):
+    from pipeline.cache import features
+
+    params = BackboneParams(kind="sd3", model="", latents="l", layers=["x"])
+    before = extract.feature_code(params)
+    monkeypatch.setattr(features, "FLOAT16_MAX", 1000.0)
+    assert provenance.differences(before, extract.feature_code(params)) == ["pipeline.cache.features.FLOAT16_MAX changed"]
+    monkeypatch.undo()
+    monkeypatch.setitem(extract._backbones, "loaded", object())  # a module's cache is not code
+    assert extract.feature_code(params) == before
+
+
+def test_a_wrapper_counts_itself_when_the_project_wrote_it():
+    import functools
+
+    from pipeline.cache import features
+
+    def doubled(function):
+        @functools.wraps(function)
+        def wrapper(values):
+            stored, overflow = function(values)
+            return stored * 2, overflow
+        return wrapper
+
+    code = provenance.code_closure([doubled(features.as_float16)])
+    assert sorted(code) == ["pipeline.cache.features.FLOAT16_MAX", "pipeline.cache.features.as_float16",
+                            "pipeline.cache.features.as_float16'"]  # the wrapper (named as what it wraps), then that
+    assert len(set(code.values())) == 3
+    from pipeline.models import backbones
+
+    assert list(provenance.code_closure([backbones.capture])) == [  # contextlib's wrapper: the function it wraps
+        "pipeline.models.backbones.StopForward", "pipeline.models.backbones.capture"]
+
+
+def test_latents_stores_count_their_encoding_code():
+    from pipeline.cache import encode as encoding
+
+    code = encoding.latents_code()
+    assert {"pipeline.cache.encode._encode_image", "pipeline.cache.encode.posterior", "pipeline.cache.encode.load_canvas",
+            "pipeline.cache.encode.canvas_layout", "pipeline.cache.encode.images_on_canvas",
+            "pipeline.models.hub.from_pretrained", "pipeline.data.images.open_rgb"} <= set(code)
+    assert not [name for name in code if ".backbones." in name or "extract" in name]
+
+
+@pytest.fixture
+def weights(tmp_path, monkeypatch):
+    """A model folder with a 3 MiB weight file, read a minute after it was written, its digests cached in
+    tmp_path; and the list of files read to compute them."""
+    import os
+    import time
+
+    monkeypatch.setenv("DIFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(provenance, "_known", {})
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
+    (model / "unet" / "weights.safetensors").write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    for path in model.rglob("*"):  # so that an edit in the test gets another mtime, however coarse the clock
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    monkeypatch.setattr(provenance, "_clock", lambda: time.time_ns() + 60 * 10**9)  # ctime: now
+    reads = []
+    real = provenance._sha256
+    monkeypatch.setattr(provenance, "_sha256", lambda path: reads.append(Path(path).name) or real(path))
+    return model, reads
+
+
+def test_model_identity_sees_one_byte_changed_in_the_middle_of_a_large_file(weights):
+    model, reads = weights
+    before = provenance.model_identity(str(model))
+    weights_file = model / "unet" / "weights.safetensors"
+    with weights_file.open("r+b") as handle:
+        handle.seek(3 << 19)  # 1.5 MiB: neither the first nor the last MiB
+        original = handle.read(1)
+        handle.seek(3 << 19)
+        handle.write(bytes([original[0] ^ 1]))
+    assert provenance.model_identity(str(model)) != before
+
+
+def test_model_identity_reads_an_unchanged_file_once(weights, monkeypatch):
+    import time
+
+    model, reads = weights
+    first = provenance.model_identity(str(model))
+    assert sorted(reads) == ["model_index.json", "weights.safetensors"]
+    assert provenance.model_identity(str(model)) == first and len(reads) == 2  # this process remembers
+    monkeypatch.setattr(provenance, "_known", {})  # another process: the cache file remembers
+    assert provenance.model_identity(str(model)) == first and len(reads) == 2
+    cache = provenance.digest_cache_path()
+    assert cache.parent.name == "cache" and not list(model.rglob("*digest*"))  # never inside the model folder
+    monkeypatch.setattr(provenance, "_clock", time.time_ns)
+    (model / "unet" / "config.json").write_text("{}")  # read just after it was written: every time until it settles
+    second = provenance.model_identity(str(model))
+    assert second != first and reads[2:] == ["config.json"]
+    assert provenance.model_identity(str(model)) == second and reads[3:] == ["config.json"]
+
+
+def test_a_damaged_or_unwritable_digest_cache_only_costs_a_read(weights, monkeypatch, tmp_path):
+    model, reads = weights
+    first = provenance.model_identity(str(model))
+    cache = provenance.digest_cache_path()
+    cache.write_text("{ not json")
+    monkeypatch.setattr(provenance, "_known", {})
+    assert provenance.model_identity(str(model)) == first and len(reads) == 4
+    assert provenance.model_identity(str(model)) == first and len(reads) == 4  # rewritten whole
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("DIFT_CACHE_DIR", str(blocked))  # its folder cannot be made
+    monkeypatch.setattr(provenance, "_known", {})
+    assert provenance.model_identity(str(model)) == first and len(reads) == 6
+
+
+def test_differences_name_what_changed():
+    old = {"ensemble": 8, "model_identity": "0123456789abcdef", "prompt": "a photo of a " + "very " * 20 + "{category}",
+           "code": {"pipeline.a.f": "0123456789ab", "pipeline.a.g": "0123456789ab", "pipeline.a.C.run": "aaaaaaaaaaaa"},
+           "versions": {"torch": "2.13.0", "zarr": "3.1.0"}}
+    new = {"ensemble": 4, "model_identity": "fedcba9876543210", "prompt": "a photo of a {category}",
+           "code": {"pipeline.a.f": "0123456789ab", "pipeline.a.h": "0123456789ab", "pipeline.a.C.run": "bbbbbbbbbbbb"},
+           "versions": {"torch": "2.14.0", "zarr": "3.1.0"}, "only": ["x"]}
+    assert provenance.differences(old, new, limit=10) == [
+        "code pipeline.a.C.run changed", "code pipeline.a.g removed", "code pipeline.a.h added", "ensemble: 8 -> 4",
+        "model_identity changed", "only: (none) -> ['x']",
+        "prompt: 'a photo of a very very very very ver... -> 'a photo of a {category}'",
+        "versions.torch: '2.13.0' -> '2.14.0'"]
+    assert provenance.differences(old, new) == ["code pipeline.a.C.run changed", "code pipeline.a.g removed",
+                                                 "code pipeline.a.h added", "ensemble: 8 -> 4", "and 4 more"]
+    assert provenance.differences(old, old) == []
+    flat = {"code:pipeline.cache.features": "0123456789abcdef"}  # a store fingerprinted before the closure
+    assert provenance.differences(flat, {"code": new["code"]}) == ["code added", "code:pipeline.cache.features removed"]

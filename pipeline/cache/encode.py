@@ -12,7 +12,6 @@ with black, uint8 0, i.e. -1 in [-1, 1]). The store's images table records the v
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.cache import store
-from pipeline.cache.provenance import code_identities, model_identity
+from pipeline.cache.provenance import code_closure, library_versions, model_identity
 from pipeline.models import hub
 from pipeline.models.backbones import VAE_FACTOR
 from pipeline.config import EncoderParams, check_policy
@@ -104,7 +103,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
                    "latent_channels": vae.config.latent_channels}
     determinants = {**asdict(params), "model_identity": model_identity(params.model),
                     "images": store.fingerprint(table.to_dict("list")),
-                    "schema_version": store.SCHEMA_VERSION, **code_identities([sys.modules[__name__]])}
+                    "schema_version": store.SCHEMA_VERSION, "code": latents_code(), "versions": library_versions()}
     determinants.pop("device")
     attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
@@ -134,6 +133,12 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
         store.finish(root)
     report_skipped(out, skipped)
     return Path(out)
+
+
+def latents_code() -> dict[str, str]:
+    """{qualified name: digest} of the code that computes a latents store's values (pipeline/cache/provenance.py,
+    `code_closure`): the images table's valid regions, the VAE's loading and what each image's encoding reaches."""
+    return code_closure([images_on_canvas, hub.from_pretrained, _encode_image])
 
 
 def posterior(vae, pixels: torch.Tensor, device, dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,7 @@ store's fidelity sample goes first (`first`; pipeline/cache/fidelity.py).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,10 +17,10 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import cluster
-from pipeline.cache import codecs, features, store
+from pipeline.cache import codecs, store
 from pipeline.cache.encode import peak_memory
 from pipeline.cache.features import image_maps
-from pipeline.cache.provenance import code_identities, model_identity
+from pipeline.cache.provenance import code_closure, library_versions, model_identity, module_classes
 from pipeline.config import BackboneParams, check_policy
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models import hub
@@ -114,7 +112,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         "prompt": params.prompt, "ensemble": params.ensemble, "seed": params.seed, "latent": params.latent,
         "noise": params.noise, "dtype": params.dtype, "device": params.device, "dataset": latents_attrs["dataset"],
         "layers": params.layers, "timesteps": params.timesteps, "storage": params.storage, "determinants": determinants,
-        "versions": {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers")},
+        "versions": library_versions(),
     }
     with store.writer_lock(out), store.writing(out):
         root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
@@ -138,25 +136,30 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     return Path(out)
 
 
-def feature_modules(kind: str) -> list:
-    """The modules whose code computes a `kind`'s stored values: the per-image arrays (pipeline.cache.features)
-    and the backbone's class and its bases (e.g. pipeline.models.backbones.sd3 and pipeline.models.backbones)."""
-    classes = [cls for cls in backbone_class(kind).__mro__ if cls.__module__.startswith("pipeline.")]
-    return [features, *dict.fromkeys(sys.modules[cls.__module__] for cls in classes)]
+def feature_code(params: BackboneParams) -> dict[str, str]:
+    """{qualified name: digest} of the code that computes a store's values (pipeline/cache/provenance.py,
+    `code_closure`): what the extraction workers reach (`_extract_images`; `_fit_axes` for `pca:K`), the
+    backbone's class and its bases (chosen by `kind` at run time: `backbone_class`, a registry, counts by
+    its own source, not by every class it could return) and, for a storage other than float16, the codec
+    module's classes (Zarr calls them through its registry)."""
+    roots = [_extract_images, *([_fit_axes] if codecs.parse_storage(params.storage)[0] == "pca" else []),
+             backbone_class(params.kind)]
+    if params.storage != "float16":
+        roots += module_classes(codecs)
+    return code_closure(roots, opaque=[backbone_class])
 
 
 def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
     """Everything that decides a features store's contents (not where it ran): parameters, the model's
-    identity, the latents store, the store layout and the code (pipeline/cache/provenance.py)."""
+    identity, the latents store, the store layout, the code and the libraries' versions
+    (pipeline/cache/provenance.py)."""
     determinants = {**asdict(params), "model_identity": model_identity(params.model),
                     "latents": latents_attrs["fingerprint"], "schema_version": store.SCHEMA_VERSION,
-                    **code_identities(feature_modules(params.kind))}
+                    "code": feature_code(params), "versions": library_versions()}
     for where_it_runs in ("device", "offload"):
         determinants.pop(where_it_runs)
     if params.storage == "float16":
         determinants.pop("storage")  # the default: stores extracted before the knob existed keep their fingerprint
-    else:  # the codec's code decides the stored values too
-        determinants.update(code_identities([codecs]))
     if codecs.parse_storage(params.storage)[0] != "pca":
         determinants.pop("fit_images")
     return determinants

@@ -60,8 +60,9 @@ def fingerprint(determinants: dict) -> str:
 
 
 def _differences(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+    from pipeline.cache.provenance import differences
+
+    changes = ", ".join(differences(old, new))
     return f"other parameters, model or code ({changes})" if changes else "other parameters"
 
 
@@ -303,7 +304,7 @@ def damaged_chunks(root: zarr.Group, path: str | Path, indices) -> dict[int, lis
                         found.setdefault(index, []).append(f"{key}: missing")
                     continue
                 if checksummed and (len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")):
-                    found.setdefault(index, []).append(f"{key}: checksum mismatch (damaged)")
+                    found.setdefault(index, []).append(f"{key}: checksum mismatch")
     return found
 
 

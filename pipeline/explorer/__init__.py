@@ -38,15 +38,26 @@ class Explorer:
 
     def __init__(self, stores: list[str | Path], pairs: pd.DataFrame, images: pd.DataFrame, root: str | Path,
                  transforms: dict[str, list[str]] | None = None, predictions: dict[str, str | Path] | None = None,
-                 best: dict[str, dict] | None = None):
+                 best: dict[str, dict] | None = None, params=None, allow_stale: bool = False,
+                 source: str | Path = "params.yaml"):
         """`stores` are known by their names (a store's `name` attribute: its backbone); `transforms`,
-        `predictions` (predictions tables) and `best` (metrics/best) are keyed by those names."""
-        self.maps = {}
+        `predictions` (predictions tables) and `best` (metrics/best) are keyed by those names.
+
+        With `params` (pipeline.config.Params, read from `source`), a store params and the code would now
+        build otherwise is refused in one line (pipeline/cache/current.py), or with `allow_stale` explored
+        anyway: its warning is in `stale` (by store name) and in the catalogue. Without `params`, stores are
+        explored as they are."""
+        from pipeline.cache.current import check_current
+
+        self.maps, self.stale = {}, {}
         for path in stores:
+            warning = check_current(path, params, allow_stale, source) if params is not None else None
             maps = StoreMaps(path)
             if maps.name in self.maps:
                 raise PipelineError(path, "name", f"two stores named {maps.name!r}; explore one of them at a time")
             self.maps[maps.name] = maps
+            if warning:
+                self.stale[maps.name] = warning
         self.pairs = pairs.set_index(pd.Index(pairs["filename"].to_numpy()))
         self.images = images.set_index("image")
         self.root = Path(root)
@@ -64,7 +75,7 @@ class Explorer:
         return {
             "stores": [{"name": name, "layers": maps.layers, "timesteps": maps.timesteps,
                         "transforms": self.transforms[name], "compare": name in self.predictions,
-                        "default": asdict(self.default_variant(name))}
+                        "default": asdict(self.default_variant(name)), "stale": self.stale.get(name)}
                        for name, maps in self.maps.items()],
             "categories": sorted(self.pairs["category"].unique().tolist()),
             "flags": {flag: sorted(int(v) for v in self.pairs[flag].unique()) for flag in FLAGS if flag in self.pairs},

@@ -33,6 +33,7 @@ function buildVariantChooser() {
     const label = el("label", "", row);
     const check = el("input", "", label); check.type = "checkbox"; check.checked = true; check.dataset.store = store.name;
     label.append(" " + store.name);
+    if (store.stale) { const mark = el("span", "stale", label); mark.textContent = " stale"; mark.title = store.stale; }
     check.onchange = () => { sel.on = check.checked; variantsChanged(); };
     const choices = el("div", "choices", row);
     for (const [key, values] of [["layers", store.layers], ["timesteps", store.timesteps], ["transforms", store.transforms]]) {
@@ -242,7 +243,8 @@ async function start() {
   $("source-frame").onmousemove = (event) => { if ($("hover").checked && !state.busy) query(pointFromEvent(event)); };
   buildVariantChooser();
   await loadPairs();
-  setStatus(`${c.pairs} pairs, ${c.stores.length} stores`, "idle");
+  const stale = c.stores.filter((s) => s.stale).map((s) => s.name);
+  setStatus(`${c.pairs} pairs, ${c.stores.length} stores` + (stale.length ? ` (stale: ${stale.join(", ")})` : ""), "idle");
 }
 
 start().catch((error) => setStatus(error.message, "error"));
