@@ -11,14 +11,17 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, as_expected
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PipelineError as exc:
+        except Exception as caught:
+            exc = as_expected(caught)
+            if exc is None:
+                raise
             for line in str(exc).splitlines():  # a parameters file reports all its problems, one line each
                 click.echo(f"error: {line}", err=True)
             sys.exit(2)

@@ -25,6 +25,22 @@ class PipelineError(Exception):
         return PipelineError, (self.where, self.field, self.reason)
 
 
+# zarr's crc32c codec (pipeline/cache/codecs.py, CHECKSUM) refuses a damaged chunk with this ValueError.
+CHECKSUM_MISMATCH = "Stored and computed checksum do not match"
+
+
+def as_expected(exc: BaseException) -> PipelineError | None:
+    """`exc` as an expected fault, or None for a bug: a PipelineError, or a damaged chunk refused on read
+    where no reader named it (StoreMaps names the chunk; a latents store read by extraction, a store's
+    per-image table or overflow counts do not)."""
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, ValueError) and str(exc).startswith(CHECKSUM_MISMATCH):
+        return PipelineError(None, "checksum", "a chunk read here is damaged (its crc32c does not match); "
+                                               "`cli.py verify --store <store>` names it")
+    return None
+
+
 def report_skipped(where: str | Path, skipped: list[tuple[str, str]]) -> None:
     """List what `on_error: skip` left out, one line each, in the stage's output."""
     if skipped:

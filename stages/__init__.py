@@ -2,7 +2,7 @@
 
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import as_expected
 
 
 def run(main, *args) -> None:
@@ -10,7 +10,10 @@ def run(main, *args) -> None:
     as the CLI does, instead of a traceback."""
     try:
         main(*args)
-    except PipelineError as exc:
+    except Exception as caught:
+        exc = as_expected(caught)
+        if exc is None:
+            raise
         for line in str(exc).splitlines():  # a parameters file reports all its problems, one line each
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

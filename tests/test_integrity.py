@@ -164,3 +164,31 @@ def test_a_store_whose_fingerprint_was_edited_is_refused_not_rebuilt(clean, demo
         assert store_files(copy) == before
     extract(params(demo_stores, "float16"), "tiny-sd3", demo_stores["latents"]["tiny-sd3"], copy, replace="any")
     assert store_files(copy) == store_files(path)
+
+
+def test_a_damaged_per_image_table_or_a_missing_modulation_chunk_is_one_line_never_a_value(clean, demo_stores, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    path, _ = clean["float16"]
+    copy = Path(shutil.copytree(path, tmp_path / "copy.zarr"))
+    # A missing shift chunk (its fill value, NaN, is never a value): matching under adaln refuses it.
+    image = str(zarr.open_group(copy, mode="r")["image"][4])
+    (copy / "transformer_blocks.1" / "shift" / "c" / "4" / "0" / "0").unlink()
+    pairs = demo_stores["pairs"]
+    using = pairs[(pairs["src_image"] == image) | (pairs["trg_image"] == image)]
+    with pytest.raises(PipelineError, match=r"transformer_blocks.1/shift/c/4/0/0: missing chunk of image"):
+        match_store(copy, using, transform_specs=["adaln"], statistics="none")
+    # A damaged chunk of the per-image table: verify names it, extract and info refuse in one line.
+    done = copy / "images" / "done" / "c" / "7"
+    flip_bit(done, np.random.default_rng(0))
+    problems, summary = verify(copy)
+    assert [p.where for p in problems] == ["images/done/c/7: checksum mismatch"] and "per-image table damaged" in summary
+    before = store_files(copy)
+    with pytest.raises(PipelineError, match=r"images/done/c/7: damaged chunk of the store's per-image table"):
+        extract(params(demo_stores, "float16"), "tiny-sd3", demo_stores["latents"]["tiny-sd3"], copy)
+    assert store_files(copy) == before
+    result = CliRunner().invoke(cli, ["info", "--store", str(copy)])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: checksum: a chunk read here is damaged (its crc32c does not match); `cli.py verify --store <store>` names it"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import store
-from pipeline.errors import PipelineError
+from pipeline.errors import CHECKSUM_MISMATCH, PipelineError
 from pipeline.matching import transforms
 from pipeline.matching.protocols import FeatureMap
 
@@ -94,22 +94,25 @@ class StoreMaps:
         naming it, never a value."""
         node = self.root[layer][array]
         at = (self.position[image], self.timesteps.index(timestep))
+        key = node.metadata.encode_chunk_key(at + (0,) * (node.ndim - 2))
         try:
-            return node[at]
+            values = node[at]
         except ValueError as exc:
-            if "checksum" not in str(exc):
+            if not str(exc).startswith(CHECKSUM_MISMATCH):
                 raise
-            key = node.metadata.encode_chunk_key(at + (0,) * (node.ndim - 2))
             raise PipelineError(self.path, f"{node.path}/{key}", f"damaged chunk of image {image!r} (checksum mismatch); "
                                 "`cli.py verify` lists every damaged chunk, `cli.py extract` computes their images "
                                 "again") from None
+        if values.dtype.kind == "f" and np.isnan(values).all():  # NaN, the fill value: the chunk is not there
+            raise PipelineError(self.path, f"{node.path}/{key}", f"missing chunk of image {image!r} (never written, or "
+                                "deleted); `cli.py verify` checks the store, `cli.py extract` computes such images again")
+        return values
 
     def raw(self, image: str, layer: str, timestep: int) -> np.ndarray:
         features = self.read(layer, "features", image, timestep).astype(np.float32)
         if not np.isfinite(features).all():
-            missing = "missing (never written, or its chunk was deleted)" if np.isnan(features).all() else "non-finite values"
-            raise PipelineError(self.path, f"{layer}/features", f"{missing} for image {image!r}; `cli.py verify` checks "
-                                                                 "the store, `cli.py extract` computes such images again")
+            raise PipelineError(self.path, f"{layer}/features", f"non-finite values for image {image!r}; `cli.py verify` "
+                                                                 "checks the store, `cli.py extract` computes such images again")
         return features
 
     def dropped(self, layer: str, timestep: int, spec: str) -> str:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from zarr.core.sync import sync
 
 from pipeline.cache import codecs
-from pipeline.errors import PipelineError
+from pipeline.errors import CHECKSUM_MISMATCH, PipelineError
 
 SCHEMA_VERSION = 3  # 2: layers carry `overflow` counts; 3: every chunk ends with a crc32c checksum
 IMAGE_COLUMNS = ("category", "width", "height", "valid_x0", "valid_y0", "valid_x1", "valid_y1")
@@ -303,15 +303,36 @@ def damaged_chunks(root: zarr.Group, path: str | Path, indices) -> dict[int, lis
                     if never_empty:
                         found.setdefault(index, []).append(f"{key}: missing")
                     continue
-                if checksummed and (len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")):
+                if checksummed and not _sound(data):
                     found.setdefault(index, []).append(f"{key}: checksum mismatch")
     return found
+
+
+def _sound(data: bytes) -> bool:
+    """Do a stored chunk's bytes end with the crc32c of the rest (codecs.CHECKSUM's layout)?"""
+    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def damaged_chunks_of(root: zarr.Group, path: str | Path, array: zarr.Array) -> list[str]:
+    """Every stored chunk of `array` (of a local store) that fails its checksum, as `<key>: checksum mismatch`."""
+    if is_url(path) or not has_checksums(array):
+        return []
+    return [f"{chunk.relative_to(path).as_posix()}: checksum mismatch"
+            for chunk in sorted((Path(path) / array.path / "c").rglob("*")) if chunk.is_file() and not _sound(chunk.read_bytes())]
 
 
 def redo(root: zarr.Group, path: str | Path) -> list[str]:
     """Flag not done the done images with a damaged or missing chunk, so that this run extracts (encodes)
     them again, and say so; their keys."""
-    done = np.flatnonzero(done_mask(root))
+    try:
+        done = np.flatnonzero(done_mask(root))
+    except ValueError as exc:
+        if not str(exc).startswith(CHECKSUM_MISMATCH):
+            raise
+        chunks = damaged_chunks_of(root, path, root["images/done"])
+        raise PipelineError(path, chunks[0].split(":")[0] if chunks else "images/done",
+                            "damaged chunk of the store's per-image table (checksum mismatch); it was left as it is: "
+                            "--overwrite rebuilds the store") from None
     damaged = damaged_chunks(root, path, done)
     if not damaged:
         return []

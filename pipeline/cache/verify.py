@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.cache import codecs, store
+from pipeline.errors import CHECKSUM_MISMATCH
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,15 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
                              "(removed when the store is next written)") for leftover in sorted(path.rglob("*.partial"))]
 
     problems += [Problem(None, f"fidelity: {layer}", reason) for layer, reason in fidelity_problems(attrs, *fidelity_limits)]
-    images = store.read_images(root)
+    try:
+        images = store.read_images(root)
+    except ValueError as exc:  # a damaged chunk of the per-image table: nothing per image can be said
+        if not str(exc).startswith(CHECKSUM_MISMATCH):
+            raise
+        damaged = [chunk for array in root["images"].array_values() for chunk in store.damaged_chunks_of(root, path, array)]
+        return problems + [Problem(None, chunk, "damaged (checksum mismatch): the store's per-image table cannot be read; "
+                                                "`extract --overwrite` rebuilds the store") for chunk in damaged], \
+            f"{path}: {attrs.get('kind')} store, per-image table damaged, fingerprint {attrs['fingerprint']}"
     count = len(images)
     nodes = {name: root[name] for name in store.data_nodes(root)}
     timesteps = root["timestep"].shape[0] if "timestep" in root else None
@@ -96,7 +105,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
     if unchecked:
         summary += (f"; {unchecked} array(s) without checksums (schema {attrs.get('schema_version', 1)}: a bit flip there "
                     "reads as a value; extract with --overwrite to rebuild with them)")
-    clipped = store.overflow(root)
+    clipped = store.overflow(root) if not any(where.endswith("/overflow") for p in problems for where in [p.where]) else {}
     if clipped:
         summary += "; values clipped to float16's range: " + ", ".join(f"{k} {v}" for k, v in clipped.items())
     return problems, summary
