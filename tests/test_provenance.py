@@ -215,6 +215,12 @@ def test_a_library_version_is_part_of_the_fingerprint(project, monkeypatch):
     after = _determinants(project)
     assert store.fingerprint(after) != store.fingerprint(before)
     assert provenance.differences(before, after) == [f"versions.torch: {before['versions']['torch']!r} -> '9.9.9'"]
+    # Another Python parses the code otherwise (ast.dump): a store read under it is stale, and says why.
+    version = type("version_info", (), {"major": 3, "minor": 99})
+    monkeypatch.setattr(provenance, "sys", type("sys", (), {"version_info": version, "modules": sys.modules}))
+    other = _determinants(project)
+    assert f"versions.python: '{sys.version_info.major}.{sys.version_info.minor}' -> '3.99'" in \
+        provenance.differences(after, other)
 
 
 def test_code_the_extraction_does_not_reach_leaves_the_fingerprint_as_it_is(project, monkeypatch):

@@ -48,8 +48,10 @@ VERSIONED = ("torch", "diffusers", "transformers", "zarr", "numpy")
 
 
 def library_versions(packages=VERSIONED) -> dict[str, str | None]:
-    """{package: installed version} (None for one that is not installed)."""
-    versions = {}
+    """{package: installed version} (None for one that is not installed), and Python's major.minor: the code
+    digests are of Python's parse of the source (`ast.dump`), which differs between Python versions, so a
+    store read under another Python is stale, and the message says why."""
+    versions = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
     for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -137,15 +138,16 @@ def open_store(path: str | Path, attrs: dict, images: pd.DataFrame, timesteps: l
     return root
 
 
-_held: set[Path] = set()  # the locks this process holds: taken again inside (one extraction's steps) they nest
+_held = threading.local()  # the locks this thread holds: taken again inside (one extraction's steps) they nest
 
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path):
     """Hold `<store>.lock` while writing `path`; a second writer is refused, not queued. Nested in this
     process (a lossy store's fidelity steps inside its extraction), it is the one lock, held throughout."""
-    lock = Path(f"{local(path)}.lock").absolute()
-    if lock in _held:
+    lock = Path(f"{local(path)}.lock").resolve()
+    held = _held.__dict__.setdefault("locks", set())
+    if lock in held:
         yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -163,11 +165,11 @@ def writer_lock(path: str | Path):
         if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
             break
         handle.close()
-    _held.add(lock)
+    held.add(lock)
     try:
         yield
     finally:
-        _held.discard(lock)
+        held.discard(lock)
         lock.unlink(missing_ok=True)
         handle.close()
 
