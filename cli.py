@@ -341,12 +341,17 @@ def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_f
 @cli.command()
 @click.option("--store", "stores", multiple=True,
               help="Features store (repeatable); default every backbone's store under `store` in params.yaml.")
-@click.option("--port", type=int, default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port (0: any free port); default explore.port in params.yaml.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another than the loopback exposes the stores and images to the network.")
+@click.option("--no-token", is_flag=True, help="Serve without the URL's token: any local program or web page can drive it.")
 @_params_option
 @_allow_stale_option
-def explore(stores, port, params_file, allow_stale):
-    """A local web page over cached stores: click a source point, see every layer, timestep and transform
-    answer (cosine maps, predictions, histograms, PCK), and the most similar cells in the dataset."""
+def explore(stores, port, host, no_token, params_file, allow_stale):
+    """A local web page over cached stores: click a source point, compare stores, layers, timesteps and
+    transforms (cosine maps, predictions, histograms, PCK), and find the most similar cells in the dataset.
+    Open the URL it prints: its token is what lets your browser, and nothing else, drive it."""
     import pandas as pd
 
     from pipeline.evaluation.metrics import BEST_DIR
@@ -361,9 +366,12 @@ def explore(stores, port, params_file, allow_stale):
     explorer = Explorer(stores, pd.read_parquet(params.data.pairs), pd.read_parquet(params.data.images), params.data.root,
                         transforms={name: params.match.transforms_for(name) for name in names},
                         predictions={name: Path(params.match.predictions) / f"{name}.parquet" for name in names},
-                        best=load_best(BEST_DIR), params=params, allow_stale=allow_stale, source=params_file)
-    _warn(list(explorer.stale.values()))
-    serve(explorer, port)
+                        best=load_best(BEST_DIR), params=params, allow_stale=allow_stale, source=params_file,
+                        compare=params.explore.compare)
+    unknown = [name for name in params.explore.compare if name not in explorer.maps]
+    _warn(list(explorer.stale.values()) + ([f"{params_file}: explore.compare: no store named {unknown[0]!r} among "
+                                            f"those explored; starting with {explorer.compare}"] if unknown else []))
+    serve(explorer, params.explore.port if port is None else port, host, None if no_token else "new")
 
 
 @cli.command()
@@ -373,23 +381,28 @@ def explore(stores, port, params_file, allow_stale):
 @click.option("--point", required=True, help="x,y in the image's pixels.")
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
 @click.option("--transform", default="raw", show_default=True, help="Feature transform (see `match --transform`).")
-@click.option("--top", type=int, default=20, show_default=True, help="Cells listed.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Cells listed.")
 @_params_option
 @_allow_stale_option
 def search(path, layer, image, point, timestep, transform, top, params_file, allow_stale):
-    """The cells of every image most similar to the cell under a point (FAISS index kept next to the store)."""
+    """The cells of every image most similar to the cell under a point (a FAISS index per layer, timestep and
+    transform, kept in the user's cache: DIFT_CACHE_DIR, default ~/.cache/dift-cache)."""
     from tabulate import tabulate
 
     from pipeline.cache.maps import StoreMaps
-    from pipeline.matching.search import CellIndex
+    from pipeline.matching.search import CellIndex, check_query
+    from pipeline.matching.transforms import check_configured
 
     try:
         x, y = (float(v) for v in point.split(","))
     except ValueError:
         raise PipelineError(None, "point", f"expected x,y, got {point!r}") from None
-    stale = _current([path], _settings(params_file), params_file, allow_stale)
+    params = _settings(params_file)
+    stale = _current([path], params, params_file, allow_stale)
     maps = StoreMaps(path)
+    check_configured(transform, params.match.transforms_for(maps.name), maps.name)  # an index each, on disk
     key = image if image in maps.position else maps.image_key_for(image)
+    check_query(maps, key, (x, y), top)
     found = CellIndex(maps, layer, timestep, transform).search(key, (x, y), top)
     click.echo(tabulate(found, headers="keys", showindex=False, floatfmt=".4f"))
     _warn(stale)

@@ -39,9 +39,10 @@ from pipeline.explorer.server import Background  # noqa: E402
 MAPS = 8
 
 
-def post(url: str, body: dict) -> float:
-    """Seconds for one POST, response read."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post(server: Background, path: str, body: dict) -> float:
+    """Seconds for one POST, response read (with the server's token, as the page sends its cookie)."""
+    request = urllib.request.Request(server.base + path, data=json.dumps(body).encode(), headers={
+        "Content-Type": "application/json", "Authorization": f"token {server.token}"})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         response.read()
@@ -56,11 +57,11 @@ def measure(explorer: Explorer, variants: list[Variant], pairs: list[str], click
         choose, keypoints, free = [], [], []
         for pair in pairs:
             row = explorer.pairs.loc[pair]
-            choose.append(post(server.url + "api/warm", {**body, "pair": pair}))
+            choose.append(post(server, "api/warm", {**body, "pair": pair}))
             for _ in range(clicks):
-                keypoints.append(post(server.url + "api/click", {**body, "pair": pair,
+                keypoints.append(post(server, "api/click", {**body, "pair": pair,
                                                                  "keypoint": int(rng.integers(len(row["kps_ids"])))}))
-                free.append(post(server.url + "api/click", {**body, "pair": pair, "x": int(rng.integers(row["src_width"])),
+                free.append(post(server, "api/click", {**body, "pair": pair, "x": int(rng.integers(row["src_width"])),
                                                             "y": int(rng.integers(row["src_height"]))}))
     finally:
         server.stop()

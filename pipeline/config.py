@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,20 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+
+
+def user_cache() -> Path:
+    """This machine's cache of derived files (file digests, search indexes): `$DIFT_CACHE_DIR`, by default
+    `${XDG_CACHE_HOME:-~/.cache}/dift-cache`. Outside the project, so DVC never sees it change."""
+    folder = os.environ.get("DIFT_CACHE_DIR")
+    if not folder:
+        try:
+            folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dift-cache"
+        except RuntimeError:  # no home directory
+            raise PipelineError(None, "DIFT_CACHE_DIR", "no home directory; set DIFT_CACHE_DIR to a writable folder") from None
+    return Path(folder)
+
+
 ON_ERROR = ("fail", "skip")
 SCHEMA = ConfigDict(extra="forbid")  # every section: no unknown key
 
@@ -190,6 +205,15 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class ExploreParams:
+    """The explorer (`cli.py explore`): where it listens, and the stores its comparison view starts with."""
+
+    __pydantic_config__ = SCHEMA
+    port: Annotated[int, Field(ge=0, le=65535, strict=True)] = 8765  # on 127.0.0.1 unless --host; 0: any free port
+    compare: list[str] = field(default_factory=list)  # stores shown side by side at start (those explored); else the first two
+
+
+@dataclass(frozen=True)
 class Params:
     __pydantic_config__ = SCHEMA
     data: DataParams = DataParams()
@@ -202,6 +226,7 @@ class Params:
     dask: DaskParams = DaskParams()
     fidelity: FidelityParams = FidelityParams()
     report: ReportParams = ReportParams()
+    explore: ExploreParams = ExploreParams()
     on_error: Literal["fail", "skip"] = "fail"  # fail: stop at the first bad item; skip: leave it out, list it, go on
     store: str = "store"  # features stores: <store>/<backbone>.zarr; latents: <store>/latents/<encoder>.zarr
     check_disk: Bool = True  # encode/extract refuse to start when their store cannot fit on its disk

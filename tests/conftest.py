@@ -4,12 +4,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "spair-sample"
+
+from pipeline.cache.maps import Variant  # noqa: E402  (after the thread count above)
 
 
 def identity_pairs_scored_exactly(path, predictions) -> bool:
@@ -130,3 +133,33 @@ def demo_stores(tmp_path_factory, demo_root, tiny_models):
         stores[name] = extract(params, name, latents[model], base / f"{name}.zarr")
     return {"pairs": split.pairs, "images": split.images, "stores": stores, "root": demo_root, "latents": latents,
             "models": tiny_models}
+
+
+# The explorer's tests: variants of the demo stores (`explored`), two of sd3 and one of sd2.
+EXPLORED_SD3 = [Variant("tiny-sd3", "transformer_blocks.3", 261, "raw"),
+                Variant("tiny-sd3", "transformer_blocks.1", 261, "drop:auto+adaln")]
+EXPLORED_SD2 = Variant("tiny-sd2", "up_blocks.1", 261, "raw")
+
+
+@pytest.fixture(scope="session")
+def explored(demo_stores, tmp_path_factory):
+    """An explorer over the demo stores, with predictions tables of two of them for the comparisons."""
+    from pipeline.explorer import Explorer
+    from pipeline.matching.match import match_store
+
+    folder = tmp_path_factory.mktemp("predictions")
+    pairs = demo_stores["pairs"]
+    predictions = {}
+    for name, specs in (("tiny-sd2", ["raw"]), ("tiny-sd3", ["raw", "drop:auto+adaln"])):
+        table = match_store(demo_stores["stores"][name], pairs, transform_specs=specs)
+        predictions[name] = folder / f"{name}.parquet"
+        table.to_parquet(predictions[name])
+    best = {"tiny-sd2": {"layer": "up_blocks.1", "timestep": 261, "transform": "raw"},
+            "tiny-sd3": {"layer": "transformer_blocks.3", "timestep": 261, "transform": "raw"}}
+    explorer = Explorer(list(demo_stores["stores"].values()), pairs, demo_stores["images"], demo_stores["root"],
+                        transforms={"tiny-sd3": ["raw", "drop:auto+adaln"]}, predictions=predictions, best=best)
+    return explorer, {name: pd.read_parquet(path) for name, path in predictions.items()}
+
+
+def cross_pair(pairs: pd.DataFrame, index: int = 4) -> pd.Series:
+    return pairs[pairs["src_image"] != pairs["trg_image"]].iloc[index]

@@ -1,7 +1,6 @@
 import base64
 import io
 import json
-import shutil
 import urllib.error
 import urllib.request
 
@@ -15,32 +14,9 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.figures import VIRIDIS
-from pipeline.explorer import Explorer, Variant
-from pipeline.matching.match import match_store
+from conftest import EXPLORED_SD2 as SD2, EXPLORED_SD3 as SD3, cross_pair
+from pipeline.explorer import Variant
 
-SD3 = [Variant("tiny-sd3", "transformer_blocks.3", 261, "raw"), Variant("tiny-sd3", "transformer_blocks.1", 261, "drop:auto+adaln")]
-SD2 = Variant("tiny-sd2", "up_blocks.1", 261, "raw")
-
-
-@pytest.fixture(scope="module")
-def explored(demo_stores, tmp_path_factory):
-    """An explorer over the demo stores, with predictions tables of two of them for the comparisons."""
-    folder = tmp_path_factory.mktemp("predictions")
-    pairs = demo_stores["pairs"]
-    predictions = {}
-    for name, specs in (("tiny-sd2", ["raw"]), ("tiny-sd3", ["raw", "drop:auto+adaln"])):
-        table = match_store(demo_stores["stores"][name], pairs, transform_specs=specs)
-        predictions[name] = folder / f"{name}.parquet"
-        table.to_parquet(predictions[name])
-    best = {"tiny-sd2": {"layer": "up_blocks.1", "timestep": 261, "transform": "raw"},
-            "tiny-sd3": {"layer": "transformer_blocks.3", "timestep": 261, "transform": "raw"}}
-    explorer = Explorer(list(demo_stores["stores"].values()), pairs, demo_stores["images"], demo_stores["root"],
-                        transforms={"tiny-sd3": ["raw", "drop:auto+adaln"]}, predictions=predictions, best=best)
-    return explorer, {name: pd.read_parquet(path) for name, path in predictions.items()}
-
-
-def cross_pair(pairs: pd.DataFrame, index: int = 4) -> pd.Series:
-    return pairs[pairs["src_image"] != pairs["trg_image"]].iloc[index]
 
 
 def test_click_on_a_keypoint_shows_matchs_prediction_and_pck(explored, demo_stores):
@@ -130,6 +106,13 @@ def test_bad_requests_are_one_line_errors(explored):
         explorer.click([Variant("tiny-sd2", "down", 261)], (1, 1), src="star/demo_00000", trg="star/demo_00001")
     with pytest.raises(PipelineError, match="no predictions for store 'vae-sd2'"):
         explorer.pair_list(right="vae-sd2", wrong="tiny-sd2")
+    with pytest.raises(PipelineError, match="wrong: choose both"):
+        explorer.pair_list(right="tiny-sd3")
+    with pytest.raises(PipelineError, match="'drop:01' is not configured for 'tiny-sd3'"):
+        explorer.click([Variant("tiny-sd3", "transformer_blocks.1", 261, "drop:01")], (1, 1), src="star/demo_00000",
+                       trg="star/demo_00001")
+    with pytest.raises(PipelineError, match=r"point: \(1, 9999\) is outside the source image"):
+        explorer.click([SD2], (1, 9999), src="star/demo_00000", trg="star/demo_00001")
 
 
 def test_server_answers_over_http(explored, demo_stores):
@@ -140,7 +123,8 @@ def test_server_answers_over_http(explored, demo_stores):
     try:
         def call(path, body=None):
             data = None if body is None else json.dumps(body).encode()
-            request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(server.base + path, data=data, headers={
+                "Content-Type": "application/json", "Authorization": f"token {server.token}"})
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, response.read()
 
@@ -158,62 +142,10 @@ def test_server_answers_over_http(explored, demo_stores):
         status, jpeg = call(f"image?key={pair['trg_image']}")
         assert jpeg[:2] == b"\xff\xd8"
         with pytest.raises(urllib.error.HTTPError) as failed:
-            call("api/click", {"pair": "nope", "variants": [vars(SD2)]})
+            call("api/click", {"pair": "nope", "keypoint": 0, "variants": [vars(SD2)]})
         assert failed.value.code == 400 and json.loads(failed.value.read())["error"].startswith("pair: no pair named")
     finally:
         server.stop()
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run does)")
-def test_in_a_real_browser(explored, demo_stores, tmp_path):
-    """Headless Chromium: pick a pair, click a keypoint, wait for the maps; the predicted point drawn on each
-    map is `match`'s prediction for that pair and keypoint."""
-    from playwright.sync_api import sync_playwright
-
-    from pipeline.explorer.server import Background
-
-    explorer, tables = explored
-    pair, keypoint = cross_pair(demo_stores["pairs"], 6), 2
-    server = Background(explorer)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server.url)
-            page.wait_for_selector(f"#pair option[value='{pair['filename']}']", state="attached")
-            # Add a second layer and a transform of tiny-sd3 to its default (best) variant.
-            page.click(".chip[data-store='tiny-sd3'][data-value='transformer_blocks.1']")
-            page.click(".chip[data-store='tiny-sd3'][data-value='drop:auto+adaln']")
-            page.select_option("#pair", pair["filename"])
-            page.click(f".keypoint[data-keypoint='{keypoint}']")
-            page.wait_for_function(f"document.getElementById('status').dataset.query === '{{\"keypoint\":{keypoint}}}'")
-            page.wait_for_selector(".hit")  # the dataset-wide search answered too
-            shown = page.eval_on_selector_all(".card", """cards => cards.map(c => ({
-                store: c.dataset.store, layer: c.dataset.layer, transform: c.dataset.transform,
-                x: Number(c.querySelector('.marker.pred').dataset.x), y: Number(c.querySelector('.marker.pred').dataset.y),
-                text: c.querySelector('.predicted').textContent}))""")
-            page.screenshot(path=tmp_path / "explorer.png", full_page=True)
-            browser.close()
-    finally:
-        server.stop()
-    sd3 = [card for card in shown if card["store"] == "tiny-sd3"]
-    assert {(c["layer"], c["transform"]) for c in sd3} == {(layer, spec) for layer in ("transformer_blocks.1", "transformer_blocks.3")
-                                                           for spec in ("raw", "drop:auto+adaln")}
-    assert len(shown) == len(explorer.maps) + 3
-    for card in shown:
-        if card["store"] not in tables:
-            continue
-        table = tables[card["store"]]
-        row = table[(table["pair"] == pair["filename"]) & (table["layer"] == card["layer"]) & (table["protocol"] == "dift")
-                    & (table["transform"] == card["transform"])].iloc[keypoint]
-        assert (card["x"], card["y"]) == (row["pred_x"], row["pred_y"]), card
-        assert card["text"] == f"({int(row['pred_x'])}, {int(row['pred_y'])})"
-    print(f"screenshot: {tmp_path / 'explorer.png'}")
 
 
 def test_cli_explore_bad_input(demo_stores, tmp_path, monkeypatch):

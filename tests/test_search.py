@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import faiss
@@ -33,7 +34,9 @@ def brute_force(maps: StoreMaps, layer: str, timestep: int, image: str, point) -
 
 
 @pytest.fixture
-def store_copy(demo_stores, tmp_path):
+def store_copy(demo_stores, tmp_path, monkeypatch):
+    """A copy of the demo's sd3 store, and a user cache of the test's own (indexes are kept there)."""
+    monkeypatch.setenv("DIFT_CACHE_DIR", str(tmp_path / "cache"))
     return shutil.copytree(demo_stores["stores"]["tiny-sd3"], tmp_path / "sd3.zarr")
 
 
@@ -93,18 +96,23 @@ def test_ivfpq_index_reranks_exactly_and_keeps_the_own_cell_first(store_copy, de
     assert len(true_top & set(zip(found["image"], found["row"], found["column"]))) >= 7
 
 
-def test_index_is_kept_and_rebuilt_when_the_store_changes(store_copy, capsys):
+def test_index_is_kept_and_rebuilt_when_the_store_changes(store_copy, capsys, tmp_path):
     first = CellIndex(StoreMaps(store_copy), LAYER, 261)
-    assert first.path.parent == store_copy.parent / "sd3.zarr.search"
+    maps = StoreMaps(store_copy)
+    assert first.path.parent == tmp_path / "cache" / "search" / f"{maps.name}-{maps.fingerprint[:16]}"
+    assert not list(store_copy.parent.glob("*.search"))  # nothing beside the store, where DVC looks
     written = first.path.stat().st_mtime_ns
     CellIndex(StoreMaps(store_copy), LAYER, 261)
     assert first.path.stat().st_mtime_ns == written and "rebuilding" not in capsys.readouterr().err
     root = zarr.open_group(store_copy, mode="r+")
-    root.attrs["fingerprint"] = "0" * 16  # the store was rebuilt with other parameters, model or code
-    zarr.consolidate_metadata(root.store)
+    root["images/done"][3] = False  # an image recomputed, or not yet: the index must not list its cells
     CellIndex(StoreMaps(store_copy), LAYER, 261)
     assert "rebuilding the search index" in capsys.readouterr().err
     assert first.path.stat().st_mtime_ns != written
+    root.attrs["fingerprint"] = "0" * 16  # the store was rebuilt with other parameters, model or code
+    zarr.consolidate_metadata(root.store)
+    other = CellIndex(StoreMaps(store_copy), LAYER, 261)
+    assert other.path.parent.name == f"{maps.name}-{'0' * 16}" and other.path.exists()
 
 
 def test_cli_search_bad_input(store_copy):
@@ -115,3 +123,28 @@ def test_cli_search_bad_input(store_copy):
     result = runner.invoke(cli, ["search", "--store", str(store_copy), "--layer", "nope", "--image", "star/demo_00000",
                                  "--point", "1,2"])
     assert result.exit_code == 2 and result.output.startswith(f"error: {store_copy}: layer: unknown layer 'nope'")
+    for point, why in (("nan,5", "point: (nan, 5) is not inside image 'star/demo_00000'"),
+                       ("5,inf", "point: (5, inf) is not inside"), ("-1,5", "point: (-1, 5) is not inside"),
+                       ("5,100000", "point: (5, 100000) is not inside")):
+        result = runner.invoke(cli, base + ["--point", point])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {why}"), result.output
+    result = runner.invoke(cli, base + ["--point", "1,2", "--top", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--top': 0 is not in the range x>=1" in result.output
+    result = runner.invoke(cli, base + ["--point", "1,2", "--transform", "layernorm"])
+    assert result.exit_code == 2 and result.output.startswith("error: transform: 'layernorm' is not configured for")
+
+
+def test_the_index_cache_keeps_the_most_recently_used_within_its_bound(store_copy, tmp_path, monkeypatch):
+    folder = tmp_path / "cache" / "search"
+    first = CellIndex(StoreMaps(store_copy), LAYER, 261)
+    size = sum(p.stat().st_size for p in first.path.parent.iterdir())
+    # Room for two indexes: a third evicts the least recently used (the first, though built before the second,
+    # was used since).
+    monkeypatch.setattr(search, "CACHE_LIMIT_BYTES", int(2.5 * size))
+    second = CellIndex(StoreMaps(store_copy), "transformer_blocks.1", 261)
+    for file in (second.path, second.path.with_suffix(".cells.npy"), second.path.with_suffix(".json")):
+        os.utime(file, (1, 1))  # long unused
+    CellIndex(StoreMaps(store_copy), LAYER, 261)  # used again: kept
+    third = CellIndex(StoreMaps(store_copy), LAYER, 261, "drop:auto")
+    assert sorted(p.name for p in folder.rglob("*.faiss")) == sorted([first.path.name, third.path.name])
+    assert not second.path.with_suffix(".cells.npy").exists() and not second.path.with_suffix(".json").exists()

@@ -98,7 +98,8 @@ def test_transform_steps():
     assert transforms.parse("raw") == ()
 
 
-@pytest.mark.parametrize("spec, message", [("blur", "unknown transform 'blur'"), ("drop:a,b", "bad channel list")])
+@pytest.mark.parametrize("spec, message", [("blur", "unknown transform 'blur'"), ("drop:a,b", "bad channel list"),
+                                           ("drop:-1", "negative channel in 'drop:-1'"), ("drop:3,-0,-2", "negative channel")])
 def test_bad_transform_is_one_line(spec, message):
     with pytest.raises(PipelineError, match=message):
         transforms.parse(spec)
@@ -116,3 +117,19 @@ def test_cli_inspect_reports_massive_channels(planted):
     assert "massive channels (drop:auto): [7, 12, 30, 41]" in result.output
     lines = result.output.splitlines()
     assert {line.split()[0] for line in lines[2:6]} == {"7", "12", "30", "41"}
+
+
+@pytest.mark.parametrize("spec, written", [("raw", "raw"), (" raw ", "raw"), ("raw+raw", "raw"),
+                                           ("drop:03,1,3", "drop:1,3"), ("drop:auto + adaln", "drop:auto+adaln"),
+                                           ("layernorm+drop:0", "layernorm+drop:0")])
+def test_each_transform_has_one_spelling(spec, written):
+    assert transforms.canonical(spec) == written
+    assert transforms.parse(written) == transforms.parse(spec)
+
+
+def test_match_names_a_transform_by_its_one_spelling(demo_stores):
+    pairs = demo_stores["pairs"].head(2)
+    for spec, message in (("drop:01", "transform: 'drop:01' is spelled 'drop:1'"), ("drop:-2", "negative channel in 'drop:-2'"),
+                          ("drop:auto + adaln", "'drop:auto \\+ adaln' is spelled 'drop:auto\\+adaln'")):
+        with pytest.raises(PipelineError, match=message):
+            match_store(demo_stores["stores"]["tiny-sd3"], pairs, transform_specs=["raw", spec])

@@ -37,6 +37,8 @@ import types
 import weakref
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 # A model folder's identity is its weights, configs and tokenizer files: not READMEs, licences, sample
 # images, nor hidden files (huggingface_hub's download records hold timestamps; the model stage's record
 # of its source).
@@ -132,15 +134,14 @@ def file_digests(paths) -> dict[Path, str]:
 
 
 def digest_cache_path() -> Path | None:
-    """`$DIFT_CACHE_DIR/file-digests.json`, by default under `${XDG_CACHE_HOME:-~/.cache}/dift-cache`; never
-    inside a model folder (a DVC output)."""
-    folder = os.environ.get("DIFT_CACHE_DIR")
-    if not folder:
-        try:
-            folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dift-cache"
-        except RuntimeError:  # no home directory
-            return None
-    return Path(folder) / "file-digests.json"
+    """`file-digests.json` in the user's cache (pipeline/config.py, `user_cache`); never inside a model folder
+    (a DVC output). None without a home directory: digests are then computed every time."""
+    from pipeline.config import user_cache
+
+    try:
+        return user_cache() / "file-digests.json"
+    except PipelineError:
+        return None
 
 
 def _read_cache() -> dict[str, tuple[tuple[int, ...], str]]:

@@ -13,24 +13,29 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from cachetools import LRUCache
 from PIL import Image
 
+from pipeline.cache import store
 from pipeline.cache.maps import StoreMaps, Variant
 from pipeline.errors import PipelineError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.figures import VIRIDIS, normalised
 from pipeline.matching.match import pair_rows
 from pipeline.matching.protocols import match_queries, prepare_target, similarity_stats, source_queries
+from pipeline.matching.transforms import check_configured
 
 FLAGS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion", "mirror")
 HISTOGRAM_BINS = 40
 PREPARED_TARGETS = 32  # targets kept prepared (a few pairs' worth of variants)
+MAX_MAPS = 32  # maps a click draws: a grid of 4 stores x 8 variants answers in about a second at real size
+MAX_TOP = 100  # cells a dataset-wide search lists
+INDEX_MEMORY_BYTES = 2 << 30  # search indexes kept in memory (the least recently used are dropped)
 
 
 class Explorer:
@@ -39,9 +44,10 @@ class Explorer:
     def __init__(self, stores: list[str | Path], pairs: pd.DataFrame, images: pd.DataFrame, root: str | Path,
                  transforms: dict[str, list[str]] | None = None, predictions: dict[str, str | Path] | None = None,
                  best: dict[str, dict] | None = None, params=None, allow_stale: bool = False,
-                 source: str | Path = "params.yaml"):
+                 source: str | Path = "params.yaml", compare: list[str] | None = None):
         """`stores` are known by their names (a store's `name` attribute: its backbone); `transforms`,
-        `predictions` (predictions tables) and `best` (metrics/best) are keyed by those names.
+        `predictions` (predictions tables) and `best` (metrics/best) are keyed by those names; `compare` names the
+        stores the page starts with (default: the first two).
 
         With `params` (pipeline.config.Params, read from `source`), a store params and the code would now
         build otherwise is refused in one line (pipeline/cache/current.py), or with `allow_stale` explored
@@ -65,18 +71,22 @@ class Explorer:
         self.predictions = {name: Path(path) for name, path in (predictions or {}).items()
                             if name in self.maps and Path(path).exists()}
         self.best = best or {}
-        self._prepared: OrderedDict = OrderedDict()
-        self._indexes: dict = {}
-        self._correct: dict = {}
-        self._pairs_done: dict = {}
+        self.compare = [name for name in (compare or []) if name in self.maps] or list(self.maps)[:2]
+        # Bounded: a long session keeps the most recently used, whatever it clicks.
+        self._prepared = LRUCache(PREPARED_TARGETS)
+        self._pairs_done = LRUCache(4 * PREPARED_TARGETS)
+        self._indexes = LRUCache(INDEX_MEMORY_BYTES, getsizeof=lambda index: index.nbytes)
+        self._correct: dict = {}  # one table per store with predictions
 
     # ---- what there is -------------------------------------------------------------------------------
     def catalogue(self) -> dict:
         return {
             "stores": [{"name": name, "layers": maps.layers, "timesteps": maps.timesteps,
-                        "transforms": self.transforms[name], "compare": name in self.predictions,
+                        "transforms": self.transforms[name], "predictions": name in self.predictions,
                         "default": asdict(self.default_variant(name)), "stale": self.stale.get(name)}
                        for name, maps in self.maps.items()],
+            "compare": self.compare,
+            "limits": {"maps": MAX_MAPS, "top": MAX_TOP},
             "categories": sorted(self.pairs["category"].unique().tolist()),
             "flags": {flag: sorted(int(v) for v in self.pairs[flag].unique()) for flag in FLAGS if flag in self.pairs},
             "images": sorted(self.images.index.tolist()),
@@ -105,6 +115,8 @@ class Explorer:
                 raise PipelineError(None, "flag", f"unknown flag {flag!r}; expected one of {list(FLAGS)}")
             chosen = chosen[chosen[flag] == int(value if value is not None else 1)]
         counts = None
+        if bool(right) != bool(wrong):
+            raise PipelineError(None, "right" if wrong else "wrong", "choose both `right` and `wrong` stores, or neither")
         if right or wrong:
             counts = self.right_and_wrong(right, wrong)
             chosen = chosen[chosen.index.isin(counts.index)]
@@ -183,7 +195,9 @@ class Explorer:
                 raise PipelineError(None, "keypoint", f"no keypoint {keypoint} in this pair")
             point = row["src_kps"][keypoint]
         width, height = (int(self.images.at[src, c]) for c in ("width", "height"))
-        point = np.array([[min(max(int(point[0]), 0), width - 1), min(max(int(point[1]), 0), height - 1)]], np.int64)
+        if not (0 <= point[0] < width and 0 <= point[1] < height):
+            raise PipelineError(None, "point", f"({point[0]}, {point[1]}) is outside the source image ({width} x {height})")
+        point = np.array([[int(point[0]), int(point[1])]], np.int64)
         truth = ([int(v) for v in row["trg_kps"][keypoint]] if keypoint is not None else None)
         answers = []
         for variant in variants:
@@ -197,10 +211,12 @@ class Explorer:
                 predicted = match_queries(target, query, "dift", "none", prepared=prepared)[0][0]
             scores = target.cosine(query)
             stats = similarity_stats(scores, predicted[None])
+            at = lambda p: float(scores[0, p[1], p[0]])  # noqa: E731
             counts, edges = np.histogram(scores, bins=HISTOGRAM_BINS, range=(-1.0, 1.0))
             answers.append({
                 "variant": asdict(variant), "label": variant.label(), "map": _png(normalised(scores[0])),
                 "predicted": [int(v) for v in predicted], "true": truth,
+                "at_predicted": at(predicted), "at_true": at(truth) if truth else None,
                 "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
                 "sharpness": {k: float(v[0]) for k, v in stats.items()},
                 **({"pck": known["pck"]} if known else {}),
@@ -224,29 +240,26 @@ class Explorer:
             scores = metrics.pair_scores(rows, alphas=(metrics.HEADLINE_ALPHA,), thresholds=tuple(metrics.THRESHOLDS))
             self._pairs_done[key] = {"predicted": predicted,
                                      "pck": {r.threshold_by: r.correct / r.points for r in scores.itertuples()}}
-            while len(self._pairs_done) > 4 * PREPARED_TARGETS:
-                self._pairs_done.pop(next(iter(self._pairs_done)))
         return self._pairs_done[key]
 
     def _maps(self, variant: Variant) -> StoreMaps:
         if variant.store not in self.maps:
             raise PipelineError(None, "store", f"no store named {variant.store!r}; have {sorted(self.maps)}")
         maps = self.maps[variant.store]
+        if not store.is_url(maps.path) and not Path(maps.path).is_dir():
+            raise PipelineError(maps.path, None, "store missing (moved or deleted while the explorer runs)")
         maps.check_variant(variant.layer, variant.timestep)
+        check_configured(variant.transform, self.transforms[variant.store], variant.store)
         return maps
 
     def _target(self, variant: Variant, image: str):
         """A target map and its prepared `dift` search, kept for the next clicks."""
         key = (variant, image)
-        if key in self._prepared:
-            self._prepared.move_to_end(key)
-        else:
+        if key not in self._prepared:
             maps = self._maps(variant)
             maps.check_images([image])
             target = maps.load(image, variant.layer, variant.timestep, variant.transform)
             self._prepared[key] = target, prepare_target(target, "dift")
-            while len(self._prepared) > PREPARED_TARGETS:
-                self._prepared.popitem(last=False)
         return self._prepared[key]
 
     def warm(self, variants: list[Variant], pair: str | None = None, trg: str | None = None) -> None:
@@ -260,13 +273,19 @@ class Explorer:
 
     # ---- search ------------------------------------------------------------------------------------------
     def search(self, variant: Variant, image: str, point, top: int = 20) -> list[dict]:
-        from pipeline.matching.search import CellIndex
+        from pipeline.matching.search import CellIndex, check_query
 
-        key = variant
-        if key not in self._indexes:
-            self._indexes[key] = CellIndex(self._maps(variant), variant.layer, variant.timestep, variant.transform,
-                                           quiet=True)
-        return self._indexes[key].search(image, point, top).to_dict(orient="records")
+        if not 1 <= top <= MAX_TOP:
+            raise PipelineError(None, "top", f"expected 1 to {MAX_TOP} cells, got {top}")
+        maps = self._maps(variant)  # configured variants only: each builds an index on disk
+        check_query(maps, image, point, top)
+        if variant not in self._indexes:
+            index = CellIndex(maps, variant.layer, variant.timestep, variant.transform, quiet=True)
+            try:
+                self._indexes[variant] = index
+            except ValueError:  # larger than the whole in-memory budget: used once, not kept
+                return index.search(image, point, top).to_dict(orient="records")
+        return self._indexes[variant].search(image, point, top).to_dict(orient="records")
 
 
 def _png(values: np.ndarray) -> str:

@@ -71,8 +71,10 @@ def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocols=("dif
     layers = selection(layers, maps.layers, "layer", maps.path)
     timesteps = selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
     transform_specs = list(transform_specs or ["raw"])
-    for spec in transform_specs:
-        transforms.parse(spec)  # refuse a bad spec before any work
+    for spec in transform_specs:  # refuse a bad spec before any work
+        if spec != (written := transforms.canonical(spec)):
+            raise PipelineError(None, "transform", f"{spec!r} is spelled {written!r}: one spelling per transform, "
+                                "as predictions and search indexes are named by it")
     skipped, keep, reasons = [], [], []
     for pair in pairs.itertuples(index=False):
         try:

@@ -10,12 +10,15 @@ or one real layer of ~100 images); beyond, IVF-PQ (FAISS's `IVF<lists>,PQ<C/16>`
 ~1,600x smaller than float32, trained on a seeded sample), whose candidates (RERANK x top) are re-scored
 exactly from the store, so reported similarities are always exact cosines.
 
-The index lives next to the store, `<store>.search/<layer>@<timestep>@<transform>.faiss`, with the cell
-table and the store's fingerprint; an index built from another version of the store is rebuilt.
+Indexes live in the user's cache (pipeline/config.py, `user_cache`), outside the project where DVC does not
+look: `search/<store name>-<fingerprint>/<layer>@<timestep>@<transform>.faiss`, with the cell table and what
+it was built from; an index built from another version of the store is rebuilt. Together they take at most
+CACHE_LIMIT_BYTES: the least recently used go first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -27,8 +30,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.cache import store
 from pipeline.cache.maps import StoreMaps
+from pipeline.config import user_cache
 from pipeline.errors import PipelineError
 from pipeline.matching.protocols import canvas_frame, cell_points, geoaware_cells
 
@@ -37,6 +40,7 @@ RERANK = 8  # IVF-PQ: candidates re-scored exactly, per result asked for
 PROBES = 32  # IVF lists searched
 TRAINING_CELLS_PER_LIST = 64
 SEED = 0
+CACHE_LIMIT_BYTES = 8 << 30  # all search indexes of this machine
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class CellIndex:
 
     def _meta(self) -> dict:
         return {"fingerprint": self.maps.fingerprint, "layer": self.layer, "timestep": self.timestep,
-                "transform": self.transform, "images": len(self.images)}
+                "transform": self.transform, "images": len(self.images),
+                "done": hashlib.sha256("\n".join(self.images).encode()).hexdigest()}
 
     def _load(self):
         meta = self.path.with_suffix(".json")
@@ -116,6 +121,7 @@ class CellIndex:
             print(f"{self.path}: rebuilding the search index (it was built from another version of the store)",
                   file=sys.stderr)
             return None
+        os.utime(meta)  # recently used: kept when the cache is trimmed
         return faiss.read_index(str(self.path)), np.load(table)
 
     def _build(self, quiet: bool):
@@ -143,7 +149,14 @@ class CellIndex:
         np.save(self.path.with_suffix(".cells.npy"), cells)
         os.replace(staging, self.path)
         self.path.with_suffix(".json").write_text(json.dumps(self._meta()))
+        trim_cache(self.path.parent.parent, keep=self.path)
         return index, cells
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the index and its cell table take (for the explorer's bounded cache)."""
+        per_cell = self.index.d * 4 if self.exact else self.index.code_size
+        return int(self.index.ntotal * per_cell + self.cells.nbytes)
 
     def _trained_ivfpq(self, channels: int, total: int, counts: list[int]):
         lists = int(2 ** np.clip(np.round(np.log2(4 * np.sqrt(total))), 4, 16))
@@ -160,7 +173,7 @@ class CellIndex:
     def search(self, image: str, point, top: int = 20) -> pd.DataFrame:
         """The `top` cells most similar to the cell under `point` (x, y) of `image`, best first: rank, image,
         row, column, x, y (the cell's centre in its image), similarity (exact cosine)."""
-        self.maps.check_images([image])
+        check_query(self.maps, image, point, top)
         source = self.maps.load(image, self.layer, self.timestep, self.transform)
         row, column = geoaware_cells(source, np.array([point], dtype=np.float64))
         query = _normalised(source.features[row, column])
@@ -191,9 +204,47 @@ class CellIndex:
         return similarity
 
 
+def check_query(maps: StoreMaps, image: str, point, top: int) -> None:
+    """Refuse, before any index is built, a query no answer exists for: an image not extracted, a point
+    not finite or outside the image, fewer than one cell."""
+    maps.check_images([image])
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise PipelineError(None, "top", f"expected a whole number of cells >= 1, got {str(top)[:20]}")
+    width, height = (int(maps.images.at[image, c]) for c in ("width", "height"))
+    x, y = (float(v) for v in point)
+    if not (np.isfinite(x) and np.isfinite(y) and 0 <= x < width and 0 <= y < height):
+        raise PipelineError(None, "point", f"({x:g}, {y:g}) is not inside image {image!r} "
+                            f"(x in [0, {width}), y in [0, {height}))")
+
+
 def index_path(maps: StoreMaps, layer: str, timestep: int, transform: str) -> Path:
-    """`<store>.search/<layer>@<timestep>@<transform>.faiss` (transform specs made file-name safe)."""
-    if store.is_url(maps.path):
-        raise PipelineError(maps.path, None, "search indexes are kept next to a local store; sync the store locally")
+    """`<user cache>/search/<store name>-<fingerprint>/<layer>@<timestep>@<transform>.faiss` (transform specs
+    made file-name safe)."""
     safe = transform.replace(":", "-").replace(",", "_").replace("+", "_")
-    return Path(f"{maps.path}.search") / f"{layer}@{timestep}@{safe}.faiss"
+    return user_cache() / "search" / f"{maps.name}-{maps.fingerprint[:16]}" / f"{layer}@{timestep}@{safe}.faiss"
+
+
+def trim_cache(folder: Path, keep: Path, limit: int | None = None) -> list[Path]:
+    """Remove the least recently used indexes under `folder` until they take at most `limit` bytes (default
+    CACHE_LIMIT_BYTES; never `keep`); the removed indexes."""
+    limit = CACHE_LIMIT_BYTES if limit is None else limit
+    indexes = []
+    for path in folder.glob("*/*.faiss"):
+        files = [path, path.with_suffix(".cells.npy"), path.with_suffix(".json")]
+        try:
+            used = max(f.stat().st_mtime for f in files if f.exists())
+            indexes.append((used, sum(f.stat().st_size for f in files if f.exists()), path, files))
+        except FileNotFoundError:  # trimmed by another process meanwhile
+            continue
+    total = sum(size for _, size, _, _ in indexes)
+    removed = []
+    for _, size, path, files in sorted(indexes, key=lambda entry: entry[0]):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        for f in files:
+            f.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed

@@ -46,13 +46,32 @@ def parse(spec: str) -> tuple[Step, ...]:
             steps.append(Step("drop"))
         elif name == "drop" and argument:
             try:
-                steps.append(Step("drop", tuple(sorted({int(c) for c in argument.split(",")}))))
+                channels = tuple(sorted({int(c) for c in argument.split(",")}))
             except ValueError:
                 raise PipelineError(None, "transform", f"bad channel list in {part!r}; e.g. drop:3,17") from None
+            if channels[0] < 0:
+                raise PipelineError(None, "transform", f"negative channel in {part!r}; channels count from 0")
+            steps.append(Step("drop", channels))
         else:
             raise PipelineError(None, "transform", f"unknown transform {part!r} in {spec!r}; expected raw, layernorm, "
                                 "adaln, drop:auto or drop:i,j, joined with +")
     return tuple(steps)
+
+
+def canonical(spec: str) -> str:
+    """The one spelling of a spec: `drop:03,1 + adaln` -> `drop:1,3+adaln`, `` -> `raw`."""
+    parts = [step.kind if step.kind != "drop" else
+             "drop:" + ("auto" if step.channels is None else ",".join(map(str, step.channels))) for step in parse(spec)]
+    return "+".join(parts) or "raw"
+
+
+def check_configured(spec: str, configured: list[str], store: str) -> None:
+    """Refuse a transform the store's params do not configure (`match.transforms`): each spelling would
+    otherwise cost its own maps and search index."""
+    if spec not in configured:
+        shown = spec if len(spec) <= 40 else spec[:40] + "…"
+        raise PipelineError(None, "transform", f"{shown!r} is not configured for {store!r} (match.transforms: "
+                            f"{configured}); add it to params.yaml to use it")
 
 
 def massive_channels(magnitudes: np.ndarray) -> tuple[int, ...]:
