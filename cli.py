@@ -381,7 +381,7 @@ def explore(stores, port, host, no_token, params_file, allow_stale):
 @click.option("--point", required=True, help="x,y in the image's pixels.")
 @click.option("--timestep", type=int, default=None, help="Timestep; default the store's first.")
 @click.option("--transform", default="raw", show_default=True, help="Feature transform (see `match --transform`).")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Cells listed.")
+@click.option("--top", type=click.IntRange(1, 10_000), default=20, show_default=True, help="Cells listed.")
 @_params_option
 @_allow_stale_option
 def search(path, layer, image, point, timestep, transform, top, params_file, allow_stale):

@@ -6,7 +6,9 @@ Two settings, 8 maps a click each:
 - real size: a store written here with SD3-medium's block shape, 1536 x 48 x 48 float16 per image (8
   layers, smooth random features), and 500 x 375 images, as SPair's.
 For each: choosing a pair (the page's `warm`: maps read, targets prepared, the pair's keypoints matched),
-then clicks on annotated keypoints and on free points; medians over the clicks. The last line:
+then clicks on annotated keypoints and on free points, each free click followed by the page's dataset-wide
+search (20 cells, the first map's layer; the index built before timing, as `index_build_ms`); medians over
+the clicks. The last line:
 `demo: <a> ms, real size: <b> ms a click of 8 maps (median, free points)`.
 
     python benchmarks/explore.py [--clicks 15] [--json benchmarks/results/explore.json]
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,20 +57,25 @@ def measure(explorer: Explorer, variants: list[Variant], pairs: list[str], click
     rng = np.random.default_rng(0)
     body = {"variants": [vars(v) for v in variants]}
     try:
-        choose, keypoints, free = [], [], []
+        choose, keypoints, free, searches = [], [], [], []
+        first = explorer.pairs.loc[pairs[0]]
+        build = post(server, "api/search", {"variant": vars(variants[0]), "image": first["src_image"], "x": 0, "y": 0})
         for pair in pairs:
             row = explorer.pairs.loc[pair]
             choose.append(post(server, "api/warm", {**body, "pair": pair}))
             for _ in range(clicks):
                 keypoints.append(post(server, "api/click", {**body, "pair": pair,
                                                                  "keypoint": int(rng.integers(len(row["kps_ids"])))}))
-                free.append(post(server, "api/click", {**body, "pair": pair, "x": int(rng.integers(row["src_width"])),
-                                                            "y": int(rng.integers(row["src_height"]))}))
+                x, y = int(rng.integers(row["src_width"])), int(rng.integers(row["src_height"]))
+                free.append(post(server, "api/click", {**body, "pair": pair, "x": x, "y": y}))
+                searches.append(post(server, "api/search", {"variant": vars(variants[0]), "image": row["src_image"],
+                                                            "x": x, "y": y, "top": 20}))
     finally:
         server.stop()
     ms = lambda values: round(1000 * statistics.median(values), 1)  # noqa: E731
     return {"maps": len(variants), "choose_pair_ms": ms(choose), "keypoint_click_ms": ms(keypoints),
-            "free_click_ms": ms(free), "clicks": len(free)}
+            "free_click_ms": ms(free), "search_ms": ms(searches), "index_build_ms": round(1000 * build, 1),
+            "clicks": len(free)}
 
 
 def demo(clicks: int) -> dict:
@@ -129,6 +137,8 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=15, help="clicks of each kind per pair")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    cache = tempfile.TemporaryDirectory()
+    os.environ["DIFT_CACHE_DIR"] = cache.name  # search indexes built here, not found from an earlier run
     results = {"threads": torch.get_num_threads(), "demo": demo(args.clicks)}
     print(f"demo: {results['demo']}", flush=True)
     with tempfile.TemporaryDirectory() as folder:

@@ -167,8 +167,9 @@ def test_comparison_view_in_a_real_browser(explored, demo_stores, tmp_path):
                             pair=name, keypoint=keypoint)["maps"]
     for card, shown in zip(cards, answer):
         table = tables[card["store"]]
-        row = table[(table["pair"] == name) & (table["layer"] == card["layer"]) & (table["protocol"] == "dift")
-                    & (table["transform"] == card["transform"])].iloc[keypoint]
+        rows = table[(table["pair"] == name) & (table["layer"] == card["layer"]) & (table["protocol"] == "dift")
+                     & (table["timestep"] == card["timestep"]) & (table["transform"] == card["transform"])]
+        row = rows[rows["keypoint"].astype(str) == str(pair["kps_ids"][keypoint])].iloc[0]
         assert (card["x"], card["y"]) == (row["pred_x"], row["pred_y"]), card
         assert card["text"] == f"({int(row['pred_x'])}, {int(row['pred_y'])})"
         assert card["yLabel"] == "pixels" and card["yTicks"][-1] == str(max(shown["histogram"]["counts"]))

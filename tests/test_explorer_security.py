@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 
+import pandas as pd
 import pytest
 
 from conftest import EXPLORED_SD2 as SD2, EXPLORED_SD3 as SD3, cross_pair
@@ -26,7 +27,8 @@ def send(server, method, path, body=None, *, token=True, host=None, origin=None,
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    connection.putheader("Host", host or f"127.0.0.1:{server.port}")
+    if host is not False:  # False: no Host header at all
+        connection.putheader("Host", f"127.0.0.1:{server.port}" if host is None else host)
     if token:
         connection.putheader("Authorization", f"token {server.token}")
     if origin:
@@ -89,6 +91,14 @@ def test_only_the_token_holder_on_this_host_and_origin_drives_it(server, demo_st
     assert send(server, "GET", "/page/explorer.js", token=False)[0] == 200
     assert send(server, "GET", "/page/explorer.js", token=False, host="attacker.example")[0] == 403
     assert send(server, "GET", "/image?key=" + cross_pair(demo_stores["pairs"])["src_image"], token=False)[0] == 403
+    # No way around the token: HEAD, a path that climbs out of /page/, a doubled slash; nor around the Host
+    # check: none at all (HTTP/1.1's parser refuses it first), empty, or a name that only starts like ours.
+    assert send(server, "HEAD", "/api/catalogue", token=False)[0] == 403
+    assert send(server, "GET", "/page/../api/catalogue", token=False)[0] in (403, 404)
+    assert send(server, "GET", "/page/%2e%2e/api/catalogue", token=False)[0] in (403, 404)
+    assert send(server, "GET", "//api/catalogue", token=False)[0] in (403, 404)
+    for host in (False, "", "[::1]evil.example:1", "127.0.0.1@evil.example", "localhost.evil.example"):
+        assert send(server, "GET", "/api/catalogue", host=host)[0] in ((400, 403) if host is False else (403,)), host
     # Local names of this server pass; the same origin passes.
     for host in (f"localhost:{server.port}", f"[::1]:{server.port}", f"127.0.0.1:{server.port}"):
         assert send(server, "GET", "/api/catalogue", host=host)[0] == 200, host
@@ -170,13 +180,19 @@ def test_every_malformed_request_is_a_one_line_4xx_that_does_not_echo_it(server,
         ("GET", "/api/click", None, 405, None),
         ("GET", "/api/nothing", None, 404, None),
     ]
+    named = "x" * 180  # within the 255 a name may have: quoted back clipped
+    catalogue += [("GET", f"/api/pair?name={named}", None, 400, f"pair: no pair named '{'x' * 40}…'"),
+                  ("GET", f"/image?key={named}", None, 404, f"image: no image '{'x' * 40}…'"),
+                  ("POST", "/api/click", click_body(name, variants=[{**v, "store": named}]), 400,
+                   f"store: no store named '{'x' * 40}…'"),
+                  ("POST", "/api/click", {**click_body(name), named: 1}, 400, f"{'x' * 40}…: Extra inputs")]
     for method, path, body, status, starts in catalogue:
         got, answer = send(server, method, path, body)
         assert got == status, (path, body if not isinstance(body, bytes) else body[:80], got, answer)
         if starts is not None:
             message = one_line(answer)
             assert message.startswith(starts), (path, message)
-            assert long not in message and "n" * 100 not in message
+            assert long not in message and "n" * 100 not in message and "x" * 41 not in message
 
 
 def test_bodies_are_bounded_before_they_are_read(server, demo_stores):
@@ -191,12 +207,26 @@ def test_bodies_are_bounded_before_they_are_read(server, demo_stores):
     response = connection.getresponse()
     assert response.status == 411 and one_line(json.loads(response.read())).startswith("a Content-Length is required")
     connection.close()
+    # A chunked body under a small Content-Length: HTTP/1.1 reads the chunks, whatever the length says.
+    status, answer = send(server, "POST", "/api/click", b"", headers={"Transfer-Encoding": "chunked"}, length=100)
+    assert status == 411 and "no Transfer-Encoding" in one_line(answer)
 
 
-def test_only_configured_transforms_build_search_indexes(server, demo_stores, tmp_path, monkeypatch):
+def test_only_configured_transforms_build_search_indexes(explored, demo_stores, tmp_path, monkeypatch):
     """100 spellings of transforms: each refused in one line, none writes an index; the configured one
     builds exactly its own, in the user's cache, nothing beside the store."""
     monkeypatch.setenv("DIFT_CACHE_DIR", str(tmp_path))
+    explorer = explored[0]
+    fresh = Explorer([demo_stores["stores"]["tiny-sd3"]], explorer.pairs.reset_index(drop=True), demo_stores["images"],
+                     demo_stores["root"], transforms={"tiny-sd3": ["raw", "drop:auto+adaln"]})
+    server = Background(fresh)
+    try:
+        _spellings(server, demo_stores, tmp_path)
+    finally:
+        server.stop()
+
+
+def _spellings(server, demo_stores, tmp_path):
     src = cross_pair(demo_stores["pairs"])["src_image"]
     base = vars(SD3[0])
     spellings = ([f"drop:{'0' * zeros}1" for zeros in range(30)] + [f"drop:-{c}" for c in range(1, 21)]
@@ -221,11 +251,18 @@ def test_only_configured_transforms_build_search_indexes(server, demo_stores, tm
 def test_a_store_removed_while_serving_says_so(explored, demo_stores, tmp_path):
     explorer, _ = explored
     copy = shutil.copytree(demo_stores["stores"]["tiny-sd2"], tmp_path / "sd2.zarr")
-    mine = Explorer([copy], explorer.pairs.reset_index(drop=True), demo_stores["images"], demo_stores["root"])
+    images = demo_stores["images"]
+    extra = images.iloc[[0]].assign(image="star/not_in_the_store")  # in the split's table, not in the store
+    mine = Explorer([copy], explorer.pairs.reset_index(drop=True), pd.concat([images, extra]), demo_stores["root"])
     running = Background(mine)
     try:
         pair = cross_pair(demo_stores["pairs"])["filename"]
         assert send(running, "POST", "/api/click", click_body(pair))[0] == 200
+        for src, trg in (("star/not_in_the_store", images["image"].iloc[1]), (images["image"].iloc[1], "star/not_in_the_store")):
+            status, answer = send(running, "POST", "/api/click", {"src": src, "trg": trg, "x": 1, "y": 1,
+                                                                   "variants": [vars(SD2)]})
+            assert status == 400 and one_line(answer) == (f"{copy}: image: store has no image 'star/not_in_the_store' "
+                                                          "(built for another split?)")
         copy.rename(tmp_path / "moved.zarr")
         status, answer = send(running, "POST", "/api/click", click_body(pair, x=3, y=4, keypoint=None))
         assert status == 400 and one_line(answer) == f"{copy}: store missing (moved or deleted while the explorer runs)"
@@ -289,15 +326,25 @@ def test_the_command_prints_a_url_with_its_token_and_says_what_another_host_expo
         deadline = time.monotonic() + 60
         while True:
             try:
-                status, catalogue = send(running, "GET", "/api/catalogue", host=f"my-machine.lan:{port}")
+                status, catalogue = send(running, "GET", "/api/catalogue", host=f"192.0.2.7:{port}")
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         assert status == 200 and [s["name"] for s in catalogue["stores"]] == ["tiny-sd2"]
         assert send(running, "GET", "/api/catalogue", token=False)[0] == 403
+        # Any address reaches it (an address cannot be rebound), and this machine's name; no other name.
+        assert send(running, "GET", "/api/catalogue", host=f"{socket.gethostname()}:{port}")[0] == 200
+        assert send(running, "GET", "/api/catalogue", host=f"rebound.example:{port}")[0] == 403
     finally:
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert (f"explorer: listening on 0.0.0.0: anyone who can reach this machine on port {port} and has the token "
             "can read the stores and the dataset's images") in err
+
+
+def test_no_token_only_on_the_loopback(explored):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no-token: serving 0.0.0.0 without a token would let anyone"):
+        Background(explored[0], host="0.0.0.0", token=None)

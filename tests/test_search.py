@@ -129,7 +129,7 @@ def test_cli_search_bad_input(store_copy):
         result = runner.invoke(cli, base + ["--point", point])
         assert result.exit_code == 2 and result.output.startswith(f"error: {why}"), result.output
     result = runner.invoke(cli, base + ["--point", "1,2", "--top", "0"])
-    assert result.exit_code == 2 and "Invalid value for '--top': 0 is not in the range x>=1" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--top': 0 is not in the range 1<=x<=10000" in result.output
     result = runner.invoke(cli, base + ["--point", "1,2", "--transform", "layernorm"])
     assert result.exit_code == 2 and result.output.startswith("error: transform: 'layernorm' is not configured for")
 

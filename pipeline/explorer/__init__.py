@@ -76,6 +76,7 @@ class Explorer:
         self._prepared = LRUCache(PREPARED_TARGETS)
         self._pairs_done = LRUCache(4 * PREPARED_TARGETS)
         self._indexes = LRUCache(INDEX_MEMORY_BYTES, getsizeof=lambda index: index.nbytes)
+        self._search_maps: dict[str, StoreMaps] = {}
         self._correct: dict = {}  # one table per store with predictions
 
     # ---- what there is -------------------------------------------------------------------------------
@@ -150,6 +151,8 @@ class Explorer:
             if best:
                 table = table[(table["layer"] == best["layer"]) & (table["timestep"] == best["timestep"])
                               & (table["transform"] == best.get("transform", "raw"))]
+            elif table.empty:
+                raise PipelineError(self.predictions[name], "protocol", "no `dift` predictions to compare with")
             else:  # without metrics, the table's first variant
                 first = table.iloc[0]
                 table = table[(table["layer"] == first["layer"]) & (table["timestep"] == first["timestep"])
@@ -198,6 +201,8 @@ class Explorer:
         if not (0 <= point[0] < width and 0 <= point[1] < height):
             raise PipelineError(None, "point", f"({point[0]}, {point[1]}) is outside the source image ({width} x {height})")
         point = np.array([[int(point[0]), int(point[1])]], np.int64)
+        for variant in variants:
+            self._maps(variant).check_images([src])
         truth = ([int(v) for v in row["trg_kps"][keypoint]] if keypoint is not None else None)
         answers = []
         for variant in variants:
@@ -229,6 +234,7 @@ class Explorer:
         key = (row["filename"], variant)
         if key not in self._pairs_done:
             maps = self._maps(variant)
+            maps.check_images([row["src_image"]])
             target, prepared = self._target(variant, row["trg_image"])
             points = np.array([list(p) for p in row["src_kps"]], dtype=np.int64)
             queries = source_queries(*maps.source(row["src_image"], variant.layer, variant.timestep, variant.transform),
@@ -277,7 +283,11 @@ class Explorer:
 
         if not 1 <= top <= MAX_TOP:
             raise PipelineError(None, "top", f"expected 1 to {MAX_TOP} cells, got {top}")
-        maps = self._maps(variant)  # configured variants only: each builds an index on disk
+        self._maps(variant)  # configured variants only: each builds an index on disk
+        # Readers of its own: a search runs beside clicks (pipeline/explorer/server.py), sharing no cache.
+        if variant.store not in self._search_maps:
+            self._search_maps[variant.store] = StoreMaps(self.maps[variant.store].path)
+        maps = self._search_maps[variant.store]
         check_query(maps, image, point, top)
         if variant not in self._indexes:
             index = CellIndex(maps, variant.layer, variant.timestep, variant.transform, quiet=True)

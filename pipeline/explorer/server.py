@@ -14,7 +14,9 @@ one request at a time (the caches are shared), so a click never waits behind the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
+import re
 import secrets
 import socket
 import sys
@@ -39,6 +41,7 @@ from pipeline.explorer import MAX_MAPS, MAX_TOP, Explorer, Variant
 PAGE = Path(__file__).with_name("page")
 MAX_BODY_BYTES = 64 << 10  # a click of MAX_MAPS variants is ~3 KB
 MAX_MESSAGE = 200  # characters of an error's line: enough to name the field and why, never the whole input
+MAX_QUOTED = 40  # characters of a name the request sent, quoted back in an error
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -127,16 +130,35 @@ class Refused(Exception):
         self.status = status
 
 
-def _line(text: str) -> str:
+def _line(text, sent=()) -> str:
+    """One line of at most MAX_MESSAGE characters, quoting at most MAX_QUOTED of any string the request sent."""
     text = " ".join(str(text).split())
+    for value in sorted(sent, key=len, reverse=True):
+        if len(value) > MAX_QUOTED:
+            text = text.replace(value, value[:MAX_QUOTED] + "…")
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _strings(value) -> list[str]:
+    """Every string in a request (its names), to be clipped where a message quotes them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    elif dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _problem(exc: ValidationError) -> str:
     """The first problem of a rejected request (where and why, never the value sent), and how many more."""
     errors = exc.errors(include_input=False, include_url=False, include_context=False)
     first = errors[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
+    where = ".".join(_line(part, [str(part)]) for part in first["loc"]) or "body"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
 
@@ -165,8 +187,12 @@ class Guard:
 
     def __init__(self, app, token: str | None, host: str, cookie: str):
         self.app, self.token, self.cookie = app, token, cookie
-        self.any_host = _wildcard(host)  # bound to every interface: the token is what protects it
-        self.hosts = LOCAL_NAMES | {host.strip("[]")}
+        self.hosts = LOCAL_NAMES | {host.strip("[]").lower()}
+        # Bound to every interface: reached by any of this machine's addresses (an address cannot be
+        # rebound to another site; only names can), or by its own names.
+        self.any_address = _wildcard(host)
+        if self.any_address:
+            self.hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -179,11 +205,12 @@ class Guard:
 
     def check(self, request: Request) -> None:
         host = request.headers.get("host", "")
-        if not self.any_host and _hostname(host) not in self.hosts:
+        name = _hostname(host)
+        if not (name in self.hosts or (self.any_address and _is_address(name))):
             raise Refused(403, "host not allowed: open the explorer at the address it printed")
         # The page's own code (/page/) holds no data: served without the token, so that the page loads inside
         # a notebook's IFrame, where the browser withholds its cookie and the page sends the URL's token.
-        public = request.url.path.startswith("/page/")
+        public = request.scope["path"].startswith("/page/") and ".." not in request.scope["path"]
         if self.token is not None and not public and not any(secrets.compare_digest(sent.encode(), self.token.encode()) for sent in (
                 request.cookies.get(self.cookie, ""), request.query_params.get("token", ""),
                 request.headers.get("authorization", "").removeprefix("token ").strip()) if sent):
@@ -196,17 +223,28 @@ class Guard:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise Refused(415, "send JSON (Content-Type: application/json)")
         length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
-            raise Refused(411, "a Content-Length is required")
+        # A chunked body would be read whatever its Content-Length says (HTTP/1.1: Transfer-Encoding wins).
+        if length is None or not length.isdigit() or "transfer-encoding" in request.headers:
+            raise Refused(411, "a Content-Length is required (and no Transfer-Encoding)")
         if int(length) > MAX_BODY_BYTES:
             raise Refused(413, f"request body over {MAX_BODY_BYTES // 1024} KiB")
 
 
-def _hostname(host: str) -> str:
-    """`localhost:8765` -> `localhost`; `[::1]:8765` -> `::1`."""
-    if host.startswith("["):
-        return host[1:].split("]")[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]{1,5})?")
+
+
+def _hostname(host: str) -> str | None:
+    """`localhost:8765` -> `localhost`; `[::1]:8765` -> `::1`; None for anything that is not a host[:port]."""
+    found = HOST_HEADER.fullmatch(host)
+    return (found["v6"] or found["name"]).lower() if found else None
+
+
+def _is_address(name: str | None) -> bool:
+    try:
+        ipaddress.ip_address(name or "")
+        return True
+    except ValueError:
+        return False
 
 
 def _wildcard(host: str) -> bool:
@@ -226,12 +264,14 @@ def _loopback(host: str) -> bool:
 # ---- the app --------------------------------------------------------------------------------------------------
 def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: int = 0) -> Starlette:
     """The explorer's ASGI app; `token` None serves anyone who can reach it."""
-    lock = threading.Lock()
+    # Clicks share prepared maps; a search has its own lock and readers, so that building an index (minutes
+    # at real size, once per variant) never holds a click back.
+    clicks, searches = threading.Lock(), threading.Lock()
     cookie = f"dift-explorer-{port}"  # cookies ignore ports: one per server on this host
 
-    async def answer(work, *args):
+    async def answer(work, *args, lock=clicks):
         def locked():
-            with lock, _torch_threads(1):
+            with lock, _torch_threads(1) if lock is clicks else contextlib.nullcontext():
                 return work(*args)
         try:
             return JSONResponse(await run_in_threadpool(locked))
@@ -239,7 +279,7 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
             expected = as_expected(exc)  # a bad name, a missing store, a damaged chunk; anything else is a bug
             if expected is None:
                 raise
-            return JSONResponse({"error": _line(expected)}, status_code=400)
+            return JSONResponse({"error": _line(expected, _strings(args))}, status_code=400)
 
     def route(handler):
         async def guarded(request: Request):
@@ -248,7 +288,7 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
             except Refused as refused:
                 return JSONResponse({"error": _line(str(refused))}, status_code=refused.status)
             except PipelineError as exc:
-                return JSONResponse({"error": _line(exc)}, status_code=400)
+                return JSONResponse({"error": _line(exc, _strings(dict(request.query_params)))}, status_code=400)
         return guarded
 
     async def index(request: Request):
@@ -272,9 +312,10 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
         try:
             path = explorer.image_path(key)
         except PipelineError as exc:
-            return JSONResponse({"error": _line(exc)}, status_code=404)
+            return JSONResponse({"error": _line(exc, [key])}, status_code=404)
         if not path.is_file():
-            return JSONResponse({"error": _line(f"image: {key}: file missing under the dataset root")}, status_code=404)
+            return JSONResponse({"error": _line(f"image: {key}: file missing under the dataset root", [key])},
+                                status_code=404)
         return FileResponse(path)
 
     async def warm(request: Request):
@@ -288,7 +329,8 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
 
     async def search(request: Request):
         body = await _body(SearchBody, request)
-        return await answer(explorer.search, body.variant.variant(), body.image, (body.x, body.y), body.top)
+        return await answer(explorer.search, body.variant.variant(), body.image, (body.x, body.y), body.top,
+                            lock=searches)
 
     starlette = Starlette(routes=[
         Route("/", route(index)),
@@ -341,9 +383,16 @@ def address(sock: socket.socket, host: str, token: str | None) -> str:
     return f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
 
 
+def _refuse_exposed_without_token(host: str, token: str | None) -> None:
+    if token is None and not _loopback(host):
+        raise PipelineError(None, "no-token", f"serving {host} without a token would let anyone who reaches it drive "
+                            "the explorer; keep the token, or listen on 127.0.0.1")
+
+
 def serve(explorer: Explorer, port: int = 8765, host: str = "127.0.0.1", token: str | None = "new") -> None:
-    """Serve until interrupted; `token` "new" makes one, None serves without (warned)."""
+    """Serve until interrupted; `token` "new" makes one, None serves without (warned; loopback only)."""
     token = new_token() if token == "new" else token
+    _refuse_exposed_without_token(host, token)
     sock = bind(port, host)
     if not _loopback(host):
         print(f"explorer: listening on {host}: anyone who can reach this machine on port {sock.getsockname()[1]}"
@@ -363,6 +412,7 @@ class Background:
 
     def __init__(self, explorer: Explorer, port: int = 0, host: str = "127.0.0.1", token: str | None = "new"):
         self.token = new_token() if token == "new" else token
+        _refuse_exposed_without_token(host, self.token)
         sock = bind(port, host)
         self.port = sock.getsockname()[1]
         self.url = address(sock, host, self.token)

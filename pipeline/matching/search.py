@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,13 +117,17 @@ class CellIndex:
         table = self.path.with_suffix(".cells.npy")
         if not (self.path.exists() and meta.exists() and table.exists()):
             return None
-        found = json.loads(meta.read_text())
-        if found != self._meta():
-            print(f"{self.path}: rebuilding the search index (it was built from another version of the store)",
-                  file=sys.stderr)
+        try:
+            found = json.loads(meta.read_text())
+            if found != self._meta():
+                print(f"{self.path}: rebuilding the search index (it was built from another version of the store)",
+                      file=sys.stderr)
+                return None
+            os.utime(meta)  # recently used: kept when the cache is trimmed
+            return faiss.read_index(str(self.path)), np.load(table)
+        except (OSError, ValueError, RuntimeError):  # unreadable (a cache, not a record): built again
+            print(f"{self.path}: rebuilding the search index (the cached one is unreadable)", file=sys.stderr)
             return None
-        os.utime(meta)  # recently used: kept when the cache is trimmed
-        return faiss.read_index(str(self.path)), np.load(table)
 
     def _build(self, quiet: bool):
         if not self.images:
@@ -143,12 +148,14 @@ class CellIndex:
             tables.append(np.column_stack([np.full(len(grid), self.maps.position[image]), grid]).astype(np.int32))
         cells = np.concatenate(tables)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Written under temporary names, then renamed: a killed build leaves no index that looks complete.
-        staging = self.path.with_name(f".{self.path.name}.partial")
-        faiss.write_index(index, str(staging))
-        np.save(self.path.with_suffix(".cells.npy"), cells)
-        os.replace(staging, self.path)
-        self.path.with_suffix(".json").write_text(json.dumps(self._meta()))
+        # Written under temporary names (this process's own), then renamed, the record last: a killed build
+        # leaves no index that looks complete, and two builds of one index do not mix.
+        staging = self.path.with_name(f".{self.path.stem}.{os.getpid()}.{threading.get_ident()}")
+        faiss.write_index(index, str(staging.with_suffix(".faiss")))
+        np.save(staging.with_suffix(".cells.npy"), cells)
+        staging.with_suffix(".json").write_text(json.dumps(self._meta()))
+        for suffix in (".faiss", ".cells.npy", ".json"):
+            os.replace(staging.with_suffix(suffix), self.path.with_suffix(suffix))
         trim_cache(self.path.parent.parent, keep=self.path)
         return index, cells
 
@@ -230,6 +237,8 @@ def trim_cache(folder: Path, keep: Path, limit: int | None = None) -> list[Path]
     limit = CACHE_LIMIT_BYTES if limit is None else limit
     indexes = []
     for path in folder.glob("*/*.faiss"):
+        if path.name.startswith("."):  # being written
+            continue
         files = [path, path.with_suffix(".cells.npy"), path.with_suffix(".json")]
         try:
             used = max(f.stat().st_mtime for f in files if f.exists())

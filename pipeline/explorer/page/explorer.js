@@ -174,7 +174,7 @@ async function showPair(name) {
 function showTwoImages() {
   const sizes = state.catalogue.sizes;
   const keys = [$("src-image").value.trim(), $("trg-image").value.trim()];
-  const unknown = keys.find((key) => !sizes[key]);
+  const unknown = keys.find((key) => !Object.hasOwn(sizes, key));
   if (unknown !== undefined) {
     setStatus(unknown ? `image: no image ${JSON.stringify(unknown)} in the split` : "image: choose a source and a target", "error");
     return;
