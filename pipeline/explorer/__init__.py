@@ -201,12 +201,11 @@ class Explorer:
         if not (0 <= point[0] < width and 0 <= point[1] < height):
             raise PipelineError(None, "point", f"({point[0]}, {point[1]}) is outside the source image ({width} x {height})")
         point = np.array([[int(point[0]), int(point[1])]], np.int64)
-        for variant in variants:
-            self._maps(variant).check_images([src])
         truth = ([int(v) for v in row["trg_kps"][keypoint]] if keypoint is not None else None)
         answers = []
         for variant in variants:
             maps = self._maps(variant)
+            maps.check_images([src])
             target, prepared = self._target(variant, trg)
             known = self._pair_answer(row, variant) if row is not None else None
             query = source_queries(*maps.source(src, variant.layer, variant.timestep, variant.transform), point, "dift")

@@ -239,26 +239,24 @@ def _hostname(host: str) -> str | None:
     return (found["v6"] or found["name"]).lower() if found else None
 
 
-def _is_address(name: str | None) -> bool:
+def _ip(host: str | None):
+    """`host` as an IP address (`[::1]` too), or None for a name."""
     try:
-        ipaddress.ip_address(name or "")
-        return True
+        return ipaddress.ip_address((host or "").strip("[]"))
     except ValueError:
-        return False
+        return None
+
+
+def _is_address(name: str | None) -> bool:
+    return _ip(name) is not None
 
 
 def _wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
+    return (ip := _ip(host)) is not None and ip.is_unspecified
 
 
 def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return host == "localhost" or ((ip := _ip(host)) is not None and ip.is_loopback)
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
@@ -389,11 +387,18 @@ def _refuse_exposed_without_token(host: str, token: str | None) -> None:
                             "the explorer; keep the token, or listen on 127.0.0.1")
 
 
-def serve(explorer: Explorer, port: int = 8765, host: str = "127.0.0.1", token: str | None = "new") -> None:
-    """Serve until interrupted; `token` "new" makes one, None serves without (warned; loopback only)."""
+def _listening(explorer: Explorer, port: int, host: str, token: str | None):
+    """(socket, token, uvicorn server) for `explorer`; `token` "new" makes one, None serves without (loopback only)."""
     token = new_token() if token == "new" else token
     _refuse_exposed_without_token(host, token)
     sock = bind(port, host)
+    server = uvicorn.Server(uvicorn.Config(app(explorer, token, host, sock.getsockname()[1]), log_level="warning"))
+    return sock, token, server
+
+
+def serve(explorer: Explorer, port: int = 8765, host: str = "127.0.0.1", token: str | None = "new") -> None:
+    """Serve until interrupted, saying what a host other than the loopback, or no token, exposes."""
+    sock, token, server = _listening(explorer, port, host, token)
     if not _loopback(host):
         print(f"explorer: listening on {host}: anyone who can reach this machine on port {sock.getsockname()[1]}"
               + (" and has the token" if token else "") + " can read the stores and the dataset's images",
@@ -402,7 +407,6 @@ def serve(explorer: Explorer, port: int = 8765, host: str = "127.0.0.1", token: 
         print("explorer: no token (--no-token): any program or web page that can reach the port drives it",
               file=sys.stderr, flush=True)
     print(f"explorer: {address(sock, host, token)}  (Ctrl+C stops it)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app(explorer, token, host, sock.getsockname()[1]), log_level="warning"))
     server.run(sockets=[sock])
 
 
@@ -411,13 +415,10 @@ class Background:
     `stop()`."""
 
     def __init__(self, explorer: Explorer, port: int = 0, host: str = "127.0.0.1", token: str | None = "new"):
-        self.token = new_token() if token == "new" else token
-        _refuse_exposed_without_token(host, self.token)
-        sock = bind(port, host)
+        sock, self.token, self.server = _listening(explorer, port, host, token)
         self.port = sock.getsockname()[1]
         self.url = address(sock, host, self.token)
         self.base = self.url.split("?")[0]
-        self.server = uvicorn.Server(uvicorn.Config(app(explorer, self.token, host, self.port), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         while not self.server.started and self.thread.is_alive():
