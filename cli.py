@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.config import PROTOCOLS, STATISTICS
 from pipeline.errors import PipelineError, as_expected
 
 
@@ -111,11 +112,11 @@ def download(dataset, dest, url, sha256):
 @_params_option
 def prepare(root, split, out, images_out, dataset, layout, categories, seed, on_error, params_file):
     """Read one split into a pairs table and an images table."""
-    from pipeline import demo
+    from pipeline.demo.dataset import DemoSpec, generate
     from pipeline.data import spair
 
     if dataset == "demo":
-        demo.generate(root, demo.DemoSpec(seed=seed))
+        generate(root, DemoSpec(seed=seed))
     from pipeline.errors import report_skipped
 
     on_error = on_error or _settings(params_file).on_error
@@ -188,9 +189,9 @@ def plan(params_file, images, as_json):
     import json
 
     from pipeline.config import load_params
-    from pipeline.plan import format_plan, make_plan
+    from pipeline.workflows.plan import format_plan, make_plan
 
-    result = make_plan(load_params(params_file), images)
+    result = make_plan(load_params(params_file), images, Path(__file__).parent / "benchmarks" / "results")
     click.echo(json.dumps(result, indent=1) if as_json else format_plan(result))
 
 
@@ -228,7 +229,7 @@ def encode(encoder, out, overwrite, on_error, params_file, check_disk):
 @_check_disk_option
 def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file, check_disk):
     """Per-layer, per-timestep features of one backbone into a Zarr store (resumable)."""
-    from pipeline.cache import fidelity
+    from pipeline.workflows import fidelity
 
     params = _settings(params_file)
     out = out or params.store_path(backbone)
@@ -237,9 +238,10 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
                                              on_error or params.on_error,
                                              params.check_disk if check_disk is None else check_disk)
     if measured:
-        from pipeline.cache import store
+        from pipeline.cache.describe import describe_fidelity
+        from pipeline.cache.store import FeatureStore
 
-        click.echo("\n".join(store.describe_fidelity(dict(store.open_existing(out).attrs))))
+        click.echo("\n".join(describe_fidelity(FeatureStore.open(out).attrs)))
     click.echo(f"features -> {out}")
 
 
@@ -250,10 +252,10 @@ def extract(backbone, out, overwrite, scheduler, workers, on_error, params_file,
               help="Pairs table; default data.pairs in params.yaml.")
 @click.option("--layer", "layers", multiple=True, help="Layers to match (repeatable); default all in the store.")
 @click.option("--timestep", "timesteps", multiple=True, type=int, help="Timesteps (repeatable); default all.")
-@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["dift", "geoaware", "sd-dino"]),
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS),
               help="dift (DIFT's), geoaware (GeoAware-SC's) or sd-dino (sd-dino's), repeatable; default match.protocols.")
 @_threshold_option
-@click.option("--statistics", type=click.Choice(["none", "basic", "all"]), default=None,
+@click.option("--statistics", type=click.Choice(STATISTICS), default=None,
               help="Similarity statistics per keypoint; default match.statistics.")
 @click.option("--device", default=None, help="cpu or cuda; default match.device.")
 @click.option("--transform", "transform_specs", multiple=True,
@@ -272,7 +274,7 @@ def match(paths, pairs, layers, timesteps, protocols, thresholds, statistics, de
     left out takes its value from params.yaml, so this gives the predictions of the `match@<backbone>` stage."""
     import pandas as pd
 
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
     from pipeline.evaluation import metrics
     from pipeline.matching.match import match_to_file
 
@@ -317,7 +319,7 @@ def show(stores, layers, timestep, pair_name, keypoint, out, overwrite, params_f
     import pandas as pd
 
     _not_the_studys(out, overwrite).parent.mkdir(parents=True, exist_ok=True)
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
     from pipeline.evaluation.figures import Variant, heatmaps
 
     params = _settings(params_file)
@@ -355,7 +357,7 @@ def explore(stores, port, host, no_token, params_file, allow_stale):
     import pandas as pd
 
     from pipeline.evaluation.metrics import BEST_DIR
-    from pipeline.explorer import Explorer, load_best
+    from pipeline.explorer.explorer import Explorer, load_best
     from pipeline.explorer.server import serve
 
     params = _settings(params_file)
@@ -389,7 +391,7 @@ def search(path, layer, image, point, timestep, transform, top, params_file, all
     transform, kept in the user's cache: DIFT_CACHE_DIR, default ~/.cache/dift-cache)."""
     from tabulate import tabulate
 
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
     from pipeline.matching.search import CellIndex, check_query
     from pipeline.matching.transforms import check_configured
 
@@ -417,7 +419,7 @@ def search(path, layer, image, point, timestep, transform, top, params_file, all
 @_allow_stale_option
 def inspect(path, layer, timestep, top, params_file, allow_stale):
     """Per-channel magnitude statistics of a layer, and the detected massive channels."""
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
     from pipeline.matching.transforms import channel_statistics
 
     stale = _current([path], _settings(params_file), params_file, allow_stale)
@@ -448,7 +450,7 @@ def propagate(path, src, trg, edit, out, layer, timestep, max_points, seed, para
     """Carry an edit (RGBA sticker) from a source image onto a target, from cached features."""
     from pipeline.data import images
     from pipeline.matching import propagate as edit_propagation
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
 
     stale = _current([path], _settings(params_file), params_file, allow_stale)
     maps = StoreMaps(path)
@@ -492,7 +494,7 @@ def verify(path, backbone, params_file):
 @click.option("--store", "path", required=True, help="Store: a local path or an fsspec URL.")
 def info(path):
     """Layers, timesteps, images done, size on disk, seconds per image, peak memory."""
-    from pipeline.cache.store import describe
+    from pipeline.cache.describe import describe
 
     click.echo(describe(path))
 

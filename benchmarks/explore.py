@@ -35,8 +35,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.cache import store  # noqa: E402
-from pipeline.explorer import Explorer, Variant, load_best  # noqa: E402
+from pipeline.cache.store import FeatureStore  # noqa: E402
+from pipeline.matching.maps import Variant  # noqa: E402
+from pipeline.explorer.explorer import Explorer, load_best  # noqa: E402
 from pipeline.explorer.server import Background  # noqa: E402
 
 MAPS = 8
@@ -108,18 +109,18 @@ def real_size(folder: Path, clicks: int, images: int = 6) -> dict:
                           "valid_y0": 0.0, "valid_x1": float(canvas), "valid_y1": float(canvas)})
     layers = [f"transformer_blocks.{i}" for i in range(MAPS)]
     path = folder / "sd3-real-size.zarr"
-    root = store.open_store(path, {"kind": "features", "name": "sd3", "determinants": {"benchmark": 1}}, table, [261])
+    written = FeatureStore.create(path, {"kind": "features", "name": "sd3", "determinants": {"benchmark": 1}}, table, [261])
     for index in range(images):
         for layer in layers:
             # Smooth features (a coarse random field upsampled), so maps have structure as real ones do.
             coarse = torch.from_numpy(rng.standard_normal((1, channels, 6, 6)).astype(np.float32))
             smooth = F.interpolate(coarse, size=(cells, cells), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
             noisy = smooth.numpy() + 0.3 * rng.standard_normal((cells, cells, channels)).astype(np.float32)
-            node = store.ensure_layer(root, layer, {"features": (("timestep", "y", "x", "channel"), (1, cells, cells, channels))},
-                                      {"channel": np.arange(channels)}, {"stride": canvas / cells})
+            node = written.ensure_layer(layer, {"features": (("timestep", "y", "x", "channel"), (1, cells, cells, channels))},
+                                       {"channel": np.arange(channels)}, {"stride": canvas / cells})
             node["features"][index] = noisy[None].astype(np.float16)
-        store.mark_done(root, index, 0.0, 0)
-    store.finish(root)
+        written.mark_done(index, 0.0, 0)
+    written.finish()
     pairs = []
     for i in range(images - 1):
         kps = rng.integers([0, 0], [width, height], size=(10, 2))

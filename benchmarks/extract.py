@@ -27,14 +27,16 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache import codecs, store
+from pipeline.cache import codecs
+from pipeline.cache.store import FeatureStore
 from pipeline.models import hub
-from pipeline.models.backbones import Parts, make_backbone
-from pipeline.config import BackboneParams
-from pipeline.demo import generate
+from pipeline.models.backbones.parts import Parts
+from pipeline.models.backbones.registry import make_backbone
+from pipeline.config import BackboneParams, parse_storage
+from pipeline.demo.dataset import generate
 from pipeline.config import EncoderParams
 from pipeline.cache.encode import encode
-from pipeline.cache.extract import extract, open_latents
+from pipeline.cache.extract import extract
 from pipeline.data.spair import load_split
 from pipeline.demo.tiny_models import make_tiny_sd2, make_tiny_sd3
 
@@ -58,7 +60,7 @@ def per_image(fn, repeats: int) -> float:
     deleted once read, so that a run's disk use stays that of one store."""
     def once() -> float:
         path = fn()
-        seconds = float(np.median(store.read_images(zarr.open_group(path, mode="r"))["seconds"]))
+        seconds = float(np.median(FeatureStore.open(path).images()["seconds"]))
         shutil.rmtree(path)
         return seconds
 
@@ -67,27 +69,29 @@ def per_image(fn, repeats: int) -> float:
 
 def real_size_writes(storage: str, images: int, blocks: int = 24, cells: int = 48, channels: int = 1536) -> float:
     """Median seconds to write one image of SD3-medium's `blocks` blocks at 768 px (48 x 48 x 1536 float16:
-    normal values with two massive channels) through the extraction's own write (store.write_image)."""
+    normal values with two massive channels) through the extraction's own write (FeatureStore.write_image)."""
     rng = np.random.default_rng(0)
     values = rng.standard_normal((1, cells, cells, channels)).astype(np.float16)
     values[..., [3, channels // 2 + 3]] = [300.0, -150.0]
     with tempfile.TemporaryDirectory() as folder:
-        root = zarr.open_group(Path(folder) / "writes.zarr", mode="w")
+        path = Path(folder) / "writes.zarr"
+        root = zarr.open_group(path, mode="w")
         root.create_array("image", shape=(images,), dtype="int64")
+        written = FeatureStore(path, root)
         coords = {"y": np.arange(cells), "x": np.arange(cells), "channel": np.arange(channels)}
         basis = None
-        if codecs.parse_storage(storage)[0] == "pca":  # axes fitted on the same values (timing only)
+        if parse_storage(storage)[0] == "pca":  # axes fitted on the same values (timing only)
             moments = codecs.LayerMoments()
             moments.add(values[0])
-            basis = moments.fit(codecs.parse_storage(storage)[1])
-        nodes = [store.ensure_layer(root, f"transformer_blocks.{b}", {"features": (("timestep", "y", "x", "channel"),
-                                    values.shape)}, coords, {}, storage={"features": storage}, basis=basis)
+            basis = moments.fit(parse_storage(storage)[1])
+        nodes = [written.ensure_layer(f"transformer_blocks.{b}", {"features": (("timestep", "y", "x", "channel"),
+                                      values.shape)}, coords, {}, storage={"features": storage}, basis=basis)
                  for b in range(blocks)]
         times = []
         with codecs.one_blas_thread:  # as the extraction loop holds it
             for index in range(images):
                 start = time.perf_counter()
-                store.write_image(index, [(node["features"], values) for node in nodes])
+                FeatureStore.write_image(index, [(node["features"], values) for node in nodes])
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -142,16 +146,16 @@ def benchmark(args: argparse.Namespace, work: Path) -> None:
     lossy = args.storage or ["pca:128"]
     # Rounds: each extracts with every storage, in an order that turns round from one round to the next, so
     # that a slow spell of the machine, or what the run before leaves behind, hits every storage; each round's
-    # change is against its own float16 run. The extraction's writes (store.write_image) are timed apart:
+    # change is against its own float16 run. The extraction's writes (FeatureStore.write_image) are timed apart:
     # what a storage itself costs, without the forward passes' noise.
-    write_image, write_seconds = store.write_image, []
+    write_image, write_seconds = FeatureStore.write_image, []
 
     def timed_write(*job):
         start = time.perf_counter()
         write_image(*job)
         write_seconds.append(time.perf_counter() - start)
 
-    store.write_image = timed_write
+    FeatureStore.write_image = staticmethod(timed_write)
     rounds, writes = [], []
     for round_ in range(args.repeats):
         order = ["float16", *lossy][:: 1 if round_ % 2 == 0 else -1]
@@ -162,7 +166,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> None:
             writing[storage] = statistics.median(write_seconds)
         rounds.append(seconds)
         writes.append(writing)
-    store.write_image = write_image
+    FeatureStore.write_image = staticmethod(write_image)
     line = f"(d) SD3 all {blocks} blocks, float16 {statistics.median(r['float16'] for r in rounds):.3f} s/img"
     written = f"    of which writing: float16 {statistics.median(w['float16'] for w in writes):.3f} s/img"
     for storage in lossy:
@@ -217,7 +221,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> None:
 
     params = replace(sd2_params, layers=up, timesteps=[101, 261])
     device = hub.resolve_device(args.device)
-    group = open_latents(latents["sd2"])
+    group = FeatureStore.open_latents(latents["sd2"])
     parts = Parts(params.model, device, hub.resolve_dtype(args.dtype, device))
     backbone = make_backbone(params, dict(group.attrs), parts, sorted(images["category"].unique()))
     mean = group["posterior/mean"]

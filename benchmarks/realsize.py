@@ -22,18 +22,18 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-import zarr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scale import stage  # noqa: E402
 
-from pipeline import plan  # noqa: E402
-from pipeline.cache import store  # noqa: E402
+from pipeline.workflows import plan  # noqa: E402
+from pipeline.cache import sizes, store  # noqa: E402
+from pipeline.cache.store import FeatureStore  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.demo import DemoSpec, generate  # noqa: E402
-from pipeline.models.fetch import materialise  # noqa: E402
+from pipeline.demo.dataset import DemoSpec, generate  # noqa: E402
+from pipeline.workflows.fetch import materialise  # noqa: E402
 from pipeline.data.spair import load_split, write_split  # noqa: E402
 
 PROFILE = REPO / "profiles" / "realsize-smoke.yaml"
@@ -89,25 +89,25 @@ def main() -> None:
         for name, encoder in params.latent_sources().items():
             seconds, rss = stage("encode", "--params", str(params_file), "--encoder", name, cwd=REPO)
             path = params.latents_path(name)
-            table = store.read_images(zarr.open_group(path, mode="r"))
+            table = FeatureStore.open(path).images()
             per_image = table["seconds"].median()
             if encoder.kind == "vae":
                 _, flops = plan.vae_cost(encoder, params)
                 rates["vae"] = {"flops_per_second": flops / per_image}
-            planned = plan.latents_bytes_per_image(encoder, plan.latent_channels(encoder, params))
+            planned = sizes.latents_bytes_per_image(encoder, plan.latent_channels(encoder, params))
             rows.append(_row(f"encode@{name}", path, table, seconds, rss, planned, args.device))
             print(rows[-1], flush=True)
         for name, backbone in params.backbones.items():
             seconds, rss = stage("extract", "--params", str(params_file), "--backbone", name, cwd=REPO)
             path = params.store_path(name)
-            table = store.read_images(zarr.open_group(path, mode="r"))
+            table = FeatureStore.open(path).images()
             per_image = table["seconds"].median()
-            run = plan.meta_run(backbone, plan.latents_attrs_for(params.encoder(backbone.latents), params),
-                                plan.model_configs(backbone.model, params))
+            run = sizes.meta_run(backbone, plan.latents_attrs_for(params.encoder(backbone.latents), params),
+                                 plan.model_configs(backbone.model, params))
             flops = run.flops * backbone.ensemble * len(backbone.timesteps)
             if flops:
                 rates[backbone.kind] = {"flops_per_second": flops / per_image}
-            planned = plan.stored_bytes(run, len(backbone.timesteps))
+            planned = sizes.stored_bytes(run, len(backbone.timesteps))
             rows.append(_row(f"extract@{name}", path, table, seconds, rss, planned, args.device))
             print(rows[-1], flush=True)
 

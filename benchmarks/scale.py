@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.demo import DemoSpec, generate  # noqa: E402
+from pipeline.demo.dataset import DemoSpec, generate  # noqa: E402
 from pipeline.data.spair import load_split, write_split  # noqa: E402
 from pipeline.demo.tiny_models import make_tiny  # noqa: E402
 

@@ -32,10 +32,11 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.cache import codecs, store  # noqa: E402
-from pipeline.cache.fidelity import agreement, bfloat16_rounding  # noqa: E402
-from pipeline.cache.maps import StoreMaps  # noqa: E402
-from pipeline.config import PARAMS_FILE, load_params  # noqa: E402
+from pipeline.cache import codecs  # noqa: E402
+from pipeline.cache.store import FeatureStore  # noqa: E402
+from pipeline.workflows.fidelity import agreement, bfloat16_rounding  # noqa: E402
+from pipeline.matching.maps import StoreMaps  # noqa: E402
+from pipeline.config import PARAMS_FILE, load_params, parse_storage  # noqa: E402
 from pipeline.matching.match import match_store  # noqa: E402
 
 CHOICES = ("float16-shuffle", "pca:256", "pca:128", "pca:64")
@@ -53,12 +54,13 @@ def reencode(source: Path, out: Path, storage: str) -> tuple[float, float]:
     arrays of bfloat16-rounded values): seconds spent encoding and bytes of the features, per image. `pca:K`
     is cross-fitted (see `cross_fitted`)."""
     shutil.copytree(source, out)
-    root = zarr.open_group(out, mode="r+", use_consolidated=False)
+    copy = FeatureStore.for_writing(out)
+    root = copy.root
     seconds, pca_bytes = 0.0, 0
     rounding = storage == BFLOAT16_ROUNDING
-    for layer in store.layers(root):
+    for layer in copy.layers():
         old = root[layer]["features"]
-        if not rounding and codecs.parse_storage(storage)[0] == "pca":
+        if not rounding and parse_storage(storage)[0] == "pca":
             spent, size = cross_fitted(old, storage)
             seconds, pca_bytes = seconds + spent, pca_bytes + size
             continue
@@ -86,7 +88,7 @@ def cross_fitted(features: zarr.Array, storage: str) -> tuple[float, int]:
 
     values = features[:]
     halves = np.array_split(np.random.default_rng(0).permutation(len(values)), 2)
-    components = codecs.parse_storage(storage)[1]
+    components = parse_storage(storage)[1]
     bases = []
     for half in halves:
         moments = codecs.LayerMoments()

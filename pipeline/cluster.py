@@ -23,7 +23,7 @@ def connect(scheduler: str | None = None, workers: int = 1) -> Iterator[object |
     if not scheduler and workers <= 1:
         yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster  # distributed: seconds to import; only a cluster needs it
 
     if scheduler:
         try:
@@ -41,7 +41,7 @@ def connect(scheduler: str | None = None, workers: int = 1) -> Iterator[object |
 def worker_rank() -> int | None:
     """This process's worker number in a LocalCluster (0..N-1), None outside dask workers."""
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # distributed: seconds to import; only a dask worker gets here
 
         name = get_worker().name
     except (ImportError, ValueError):
@@ -58,7 +58,7 @@ def worker_device(device: str) -> str:
     rank = worker_rank()
     if device != "cuda" or rank is None:
         return device
-    import torch
+    import torch  # torch: seconds to import, and the stages that only score (evaluate) never place a GPU
 
     count = torch.cuda.device_count()
     return f"cuda:{rank % count}" if count else device

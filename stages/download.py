@@ -4,7 +4,7 @@
 import sys
 from pathlib import Path
 
-from pipeline import demo
+from pipeline.demo.dataset import DemoSpec, generate
 from pipeline.config import load_params
 from pipeline.data.download import DATASETS, download
 from pipeline.errors import PipelineError
@@ -15,7 +15,7 @@ def main(name: str) -> None:
     spec = load_params().download[name]
     root = Path(spec.root)
     if spec.demo is not None:
-        demo.generate(root, demo.DemoSpec(spec.demo.seed, spec.demo.sources_per_category))
+        generate(root, DemoSpec(spec.demo.seed, spec.demo.sources_per_category))
         return
     expected = DATASETS[name].folder if name in DATASETS else root.name
     if root.name != expected:

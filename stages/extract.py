@@ -3,7 +3,7 @@
 import sys
 
 from pipeline import cluster
-from pipeline.cache import fidelity
+from pipeline.workflows import fidelity
 from pipeline.config import load_params
 from stages import run
 

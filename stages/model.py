@@ -4,7 +4,7 @@ encoders and backbones naming it load)."""
 import sys
 
 from pipeline.config import load_params
-from pipeline.models.fetch import components, materialise
+from pipeline.workflows.fetch import components, materialise
 from stages import run
 
 

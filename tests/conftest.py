@@ -12,13 +12,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "spair-sample"
 
-from pipeline.cache.maps import Variant  # noqa: E402  (after the thread count above)
+from pipeline.matching.maps import Variant  # noqa: E402  (after the thread count above)
 
 
 def identity_pairs_scored_exactly(path, predictions) -> bool:
     """On identity pairs `dift` finds each keypoint itself; `geoaware` the centre of its cell, so within half a
     cell's diagonal (in image pixels) of it."""
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
 
     maps = StoreMaps(path)
     image = maps.images.loc[predictions["trg_image"]]
@@ -95,7 +95,7 @@ def spair_sample(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    from pipeline.demo import generate
+    from pipeline.demo.dataset import generate
 
     return generate(tmp_path_factory.mktemp("demo") / "demo")
 
@@ -144,7 +144,7 @@ EXPLORED_SD2 = Variant("tiny-sd2", "up_blocks.1", 261, "raw")
 @pytest.fixture(scope="session")
 def explored(demo_stores, tmp_path_factory):
     """An explorer over the demo stores, with predictions tables of two of them for the comparisons."""
-    from pipeline.explorer import Explorer
+    from pipeline.explorer.explorer import Explorer
     from pipeline.matching.match import match_store
 
     folder = tmp_path_factory.mktemp("predictions")

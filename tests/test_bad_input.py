@@ -13,12 +13,13 @@ import zarr
 from PIL import Image
 
 from conftest import store_files
-from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.config import BackboneParams, EncoderParams, load_params
 from pipeline.cache.encode import encode, load_canvas
 from pipeline.errors import PipelineError
 from pipeline.cache.extract import extract
-from pipeline.evaluation.metrics import pck_table, read_coverage, score_files
+from pipeline.data.predictions import read_coverage
+from pipeline.evaluation.metrics import pck_table, score_files
 from pipeline.matching.match import match_store, match_to_file
 from pipeline.data.spair import load_split
 
@@ -276,8 +277,8 @@ def test_full_disk_fails_in_one_line_keeps_finished_images_and_resumes(demo_stor
     assert one_line(failed) == (f"{out}: disk: no space left on device; free space and re-run to resume "
                                 "(finished work is kept)")
     monkeypatch.setattr(local, "_put", real_put)
-    partial = zarr.open_group(out, mode="r", use_consolidated=False)
-    done = store.done_mask(partial)
+    partial = FeatureStore.as_written(out)
+    done = partial.done_mask()
     assert done.tolist() == [True] * 10 + [False] * (len(done) - 10)
     kept = {i: partial["latent/features"][i] for i in np.flatnonzero(done)}
     _vae_sd3(demo_stores, out)  # space freed: resumes
@@ -287,7 +288,7 @@ def test_full_disk_fails_in_one_line_keeps_finished_images_and_resumes(demo_stor
 
 
 def test_an_images_other_writes_end_before_its_failed_write_is_raised(tmp_path):
-    """store.write_image writes an image's arrays concurrently: when one fails (a full disk), the error
+    """FeatureStore.write_image writes an image's arrays concurrently: when one fails (a full disk), the error
     comes only once the others have ended, so that none is still writing when the run gives up its lock."""
 
     class FailingArray:  # fails at once, while the large write below is still encoding
@@ -300,7 +301,7 @@ def test_an_images_other_writes_end_before_its_failed_write_is_raised(tmp_path):
     large = root.create_array("large", shape=(2, 1024, 1024), dtype="float32", chunks=(1, 256, 1024))
     values = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     with pytest.raises(OSError):
-        store.write_image(1, [(FailingArray, np.zeros(1)), (large, values)])
+        FeatureStore.write_image(1, [(FailingArray, np.zeros(1)), (large, values)])
     np.testing.assert_array_equal(large[1], values)
 
 
@@ -325,10 +326,10 @@ def test_non_finite_features_fail_or_skip(demo_stores, tmp_path, poisoned, capsy
     with pytest.raises(PipelineError) as failed:
         _vae_sd3(demo_stores, out)
     assert one_line(failed).startswith(f"{out}: latent/features: non-finite values for image 'blob/")
-    done_before = store.done_mask(zarr.open_group(out, mode="r", use_consolidated=False))
+    done_before = FeatureStore.as_written(out).done_mask()
 
     _vae_sd3(demo_stores, out, on_error="skip")
-    table = store.read_images(zarr.open_group(out, mode="r", use_consolidated=False))
+    table = FeatureStore.as_written(out).images()
     blobs = table["category"] == "blob"
     assert not table.loc[blobs, "done"].any() and table.loc[~blobs, "done"].all()
     assert table.loc[blobs, "error"].str.contains("non-finite values").all()
@@ -362,7 +363,7 @@ def test_non_finite_values_in_a_cached_store_are_reported(demo_stores, tmp_path)
     values = node[3]
     values[0, 0, 0, 0] = np.nan
     node[3] = values
-    image = store.read_images(zarr.open_group(path, mode="r"))["image"][3]
+    image = FeatureStore.open(path).images()["image"][3]
     pairs = demo_stores["pairs"]
     using = pairs[(pairs["src_image"] == image) | (pairs["trg_image"] == image)]
     with pytest.raises(PipelineError) as failed:
@@ -378,11 +379,11 @@ def test_corrupt_image_skipped_at_encode_is_skipped_downstream(demo_stores, tmp_
         encode(params, images, root, tmp_path / "latents.zarr")
     assert one_line(failed).startswith(f"{root / IMAGE}: unreadable image")
     latents = encode(params, images, root, tmp_path / "latents.zarr", on_error="skip")
-    table = store.read_images(zarr.open_group(latents, mode="r"))
+    table = FeatureStore.open(latents).images()
     assert table.loc[~table["done"], "image"].tolist() == ["star/demo_00001"]
     params = replace(VAE_SD3, model=demo_stores["models"]["tiny-sd3"])
     features = extract(params, "vae-sd3", latents, tmp_path / "f.zarr", on_error="skip")
-    table = store.read_images(zarr.open_group(features, mode="r"))
+    table = FeatureStore.open(features).images()
     assert table.loc[~table["done"], "image"].tolist() == ["star/demo_00001"]
     assert "not encoded" in table.loc[~table["done"], "error"].item()
     assert "star/demo_00001" in capsys.readouterr().err

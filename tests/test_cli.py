@@ -45,17 +45,17 @@ def test_evaluate_writes_metrics(tmp_path):
 
 
 def test_plan_takes_matching_time_from_the_benchmark(tmp_path, monkeypatch):
-    from pipeline import plan
+    from pipeline.workflows import plan
 
-    monkeypatch.setattr(plan, "RESULTS", tmp_path)
-    assert plan.match_seconds("dift", "basic", "cpu")[0] == plan.MATCH_SECONDS_PER_PAIR  # nothing measured yet
+    assert plan.match_seconds("dift", "basic", "cpu", tmp_path)[0] == plan.MATCH_SECONDS_PER_PAIR  # nothing measured yet
+    assert plan.match_seconds("dift", "basic", "cpu", None)[0] == plan.MATCH_SECONDS_PER_PAIR
     rows = [{"device": "cpu", "threads": threads, "channels": channels, "exact": 0.001 * threads, "exact_no_stats": 0.0005,
              "geoaware": 0.0002} for threads in (1, 2) for channels in (1280, 1536)]
     (tmp_path / "match.json").write_text(json.dumps(rows))
-    assert plan.match_seconds("dift", "basic", "cpu") == (0.002, "benchmarks/match.py on cpu")  # 2 threads, 1280 channels
-    assert plan.match_seconds("dift", "none", "cpu")[0] == 0.0005
-    assert plan.match_seconds("geoaware", "basic", "cpu")[0] == 0.0002
-    seconds, basis = plan.match_seconds("dift", "basic", "cuda")
+    assert plan.match_seconds("dift", "basic", "cpu", tmp_path) == (0.002, "benchmarks/match.py on cpu")  # 2 threads, 1280 channels
+    assert plan.match_seconds("dift", "none", "cpu", tmp_path)[0] == 0.0005
+    assert plan.match_seconds("geoaware", "basic", "cpu", tmp_path)[0] == 0.0002
+    seconds, basis = plan.match_seconds("dift", "basic", "cuda", tmp_path)
     assert seconds == 0.002 and "upper bound" in basis  # no CUDA figure: the CPU's
 
 

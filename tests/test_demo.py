@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from pipeline.demo import DemoSpec, generate
+from pipeline.demo.dataset import DemoSpec, generate
 from pipeline.data.spair import load_split
 
 

@@ -11,6 +11,8 @@ from pipeline.config import BackboneParams
 from pipeline.cache.extract import extract
 from pipeline.matching.match import match_store, match_to_file
 
+pytestmark = pytest.mark.slow  # a dask LocalCluster of worker processes per test
+
 
 @pytest.fixture(scope="module")
 def client():

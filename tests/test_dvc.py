@@ -12,6 +12,7 @@ import yaml
 
 from conftest import copy_project
 
+pytestmark = pytest.mark.slow  # `dvc repro` of the whole demo, three times
 
 
 def _run(cwd, *args):

@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.figures import VIRIDIS
 from conftest import EXPLORED_SD2 as SD2, EXPLORED_SD3 as SD3, cross_pair
-from pipeline.explorer import Variant
+from pipeline.matching.maps import Variant
 
 
 

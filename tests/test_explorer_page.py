@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import cross_pair
-from pipeline.explorer import Variant
+from pipeline.matching.maps import Variant
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

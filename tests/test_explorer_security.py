@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import EXPLORED_SD2 as SD2, EXPLORED_SD3 as SD3, cross_pair
-from pipeline.explorer import MAX_MAPS, Explorer
+from pipeline.explorer.explorer import MAX_MAPS, Explorer
 from pipeline.explorer.server import MAX_BODY_BYTES, MAX_MESSAGE, Background
 
 

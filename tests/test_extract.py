@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.config import BackboneParams
 from pipeline.config import EncoderParams
 from pipeline.cache.encode import encode, load_canvas
@@ -105,6 +105,7 @@ def test_sd3_block_equals_direct_transformer_call(world, tmp_path):
     np.testing.assert_allclose(node["scale"][index, 0], scale[0].numpy(), rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch):
     first = _run(world, SD2, tmp_path / "a.zarr")
     second = _run(world, SD2, tmp_path / "b.zarr")
@@ -113,7 +114,7 @@ def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch)
     assert store_files(other)["up_blocks.1/features/c/0/0/0/0/0"] != store_files(first)["up_blocks.1/features/c/0/0/0/0/0"]
 
     # Interrupt: image 3's features are written, then the process dies before its flag. Inside Zarr: a
-    # replaced pipeline function (store.mark_done) would be code of its own, and the store another's to resume.
+    # replaced pipeline function (FeatureStore.mark_done) would be code of its own, and the store another's to resume.
     calls = {"n": 0}
     original = zarr.Array.__setitem__
 
@@ -128,13 +129,13 @@ def test_same_seed_same_store_and_resume_converges(world, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(world, SD2, tmp_path / "r.zarr")
     monkeypatch.setattr(zarr.Array, "__setitem__", original)
-    partial = zarr.open_group(tmp_path / "r.zarr", mode="r")
-    assert store.done_mask(partial).tolist() == [True, True, True, False, False, False]
+    partial = FeatureStore.open(tmp_path / "r.zarr")
+    assert partial.done_mask().tolist() == [True, True, True, False, False, False]
     before = partial["images/seconds"][:3].copy()
 
     _run(world, SD2, tmp_path / "r.zarr")
-    resumed = zarr.open_group(tmp_path / "r.zarr", mode="r")
-    assert store.done_mask(resumed).all()
+    resumed = FeatureStore.open(tmp_path / "r.zarr")
+    assert resumed.done_mask().all()
     np.testing.assert_array_equal(resumed["images/seconds"][:3], before)  # finished images untouched
     assert store_files(tmp_path / "r.zarr") == store_files(first)
 
@@ -143,7 +144,7 @@ def test_other_parameters_are_refused_unless_overwrite(world, tmp_path):
     path = _run(world, SD2, tmp_path / "s.zarr", layers=["up_blocks.1"])
     with pytest.raises(PipelineError, match=r"s.zarr: fingerprint: store was built with other parameters, model or code \(seed: 0 -> 7\)"):
         _run(world, SD2, path, layers=["up_blocks.1"], seed=7)
-    assert store.done_mask(zarr.open_group(path, mode="r")).all()  # nothing lost
+    assert FeatureStore.open(path).done_mask().all()  # nothing lost
     _run(world, SD2, path, layers=["up_blocks.1"], seed=7, replace="any")
     assert zarr.open_group(path, mode="r").attrs["seed"] == 7
 
@@ -224,7 +225,8 @@ def test_cli_encode_extract_info(world, tmp_path, monkeypatch):
 
 
 def test_one_forward_per_timestep_stops_after_deepest_layer(world, tmp_path, monkeypatch):
-    from pipeline.models.backbones import Parts, sd2
+    from pipeline.models.backbones import sd2
+    from pipeline.models.backbones.parts import Parts
 
     calls = {"up_blocks.0": 0, "up_blocks.1": 0, "up_blocks.2": 0, "text": 0}
     original_load, original_component = sd2.SD2.load_model, Parts.component
@@ -255,7 +257,7 @@ def test_pad_canvas_records_the_valid_region(world, tmp_path):
     model = world["sd2"][0]
     path = encode(EncoderParams(model=model, canvas=CANVAS, canvas_mode="pad"), world["images"], world["root"],
                   tmp_path / "pad.zarr")
-    table = store.read_images(zarr.open_group(path, mode="r"))
+    table = FeatureStore.open(path).images()
     for _, row in table.iterrows():
         scale = CANVAS / max(row["width"], row["height"])
         assert (row["valid_x1"], row["valid_y1"]) == (round(row["width"] * scale), round(row["height"] * scale))
@@ -293,6 +295,7 @@ def test_a_half_precision_vae_that_gives_nan_encodes_that_image_in_float32(world
 
 
 def test_values_beyond_float16_are_clipped_and_counted_never_inf(world, tmp_path, monkeypatch):
+    from pipeline.cache.describe import describe
     from pipeline.models.backbones.vae import VAELatent
 
     real_run = VAELatent.run
@@ -312,8 +315,8 @@ def test_values_beyond_float16_are_clipped_and_counted_never_inf(world, tmp_path
         np.testing.assert_array_equal(stored, np.clip(expected, -65504, 65504).astype(np.float16))
         assert root["latent/overflow"][index, 0] == int((np.abs(expected) > 65504).sum())
     assert clipped > 0 and kept > 0  # both regimes are exercised
-    assert store.overflow(root) == {"latent": int(root["latent/overflow"][:].sum())}
-    assert "values clipped to float16's range (+-65504): latent " in store.describe(path)
+    assert FeatureStore.open(path).overflow() == {"latent": int(root["latent/overflow"][:].sum())}
+    assert "values clipped to float16's range (+-65504): latent " in describe(path)
 
 
 def test_offloading_the_denoiser_block_by_block_gives_the_same_store(world, tmp_path):
@@ -336,7 +339,7 @@ def test_extract_refuses_a_store_that_cannot_fit_on_its_disk(world, tmp_path, mo
     assert not out.exists()
     model, latents = world["sd2"]
     extract(replace(SD2, model=model, latents=str(latents)), "sd2", latents, out, check_disk=False)
-    assert store.done_mask(zarr.open_group(out, mode="r")).all()
+    assert FeatureStore.open(out).done_mask().all()
 
 
 def test_the_disk_check_counts_every_image_of_a_store_it_would_replace(world, tmp_path, monkeypatch):

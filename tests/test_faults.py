@@ -21,6 +21,8 @@ import zarr
 
 from conftest import REPO, store_files
 
+pytestmark = pytest.mark.slow  # kill -9 at random points, then a rerun, per stage; two writers on one store
+
 KILLS = {"encode": 3, "extract": 4, "match": 3}  # >= 10 in all
 
 

@@ -29,7 +29,7 @@ STEPS = [
     ("reference", "pipeline/cache/store.py", "mark_done", 9),  # the float16 reference
     ("matching", "pipeline/matching/match.py", "match_store", 2),  # the reference matched, the lossy store next
     ("bfloat16", "pipeline/matching/match.py", "match_store", 3),  # the reference read as bfloat16
-    ("cleanup", "pipeline/cache/fidelity.py", "reference_path", 2),  # the figures recorded, the reference to delete
+    ("cleanup", "pipeline/workflows/fidelity.py", "reference_path", 2),  # the figures recorded, the reference to delete
     ("rest", "pipeline/cache/store.py", "mark_done", 15),  # the other images
 ]
 

@@ -6,7 +6,7 @@ from PIL import Image
 from cli import cli
 from conftest import demo_project
 from pipeline.evaluation import figures
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.matching.match import match_store
 
 

@@ -5,9 +5,9 @@ import pandas as pd
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.matching.fusion import FusedMaps
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.matching.match import match_store
 
 
@@ -20,9 +20,9 @@ def test_fusion_equals_a_store_of_concatenated_normalised_features(demo_stores, 
 
     # The same features written as one store through the documented schema.
     maps = [StoreMaps(a), StoreMaps(b)]
-    images = store.read_images(maps[0].root)
-    root = store.open_store(tmp_path / "concat.zarr", {"kind": "features", "name": "concat", "determinants": {}},
-                            images, [261], replace="never")
+    images = maps[0].store.images()
+    concat = FeatureStore.create(tmp_path / "concat.zarr", {"kind": "features", "name": "concat", "determinants": {}},
+                                 images, [261], replace="never")
     for index, key in enumerate(images["image"]):
         parts = []
         for m, layer, weight in zip(maps, layers, weights):
@@ -30,11 +30,11 @@ def test_fusion_equals_a_store_of_concatenated_normalised_features(demo_stores, 
             parts.append(weight * x / np.linalg.norm(x, axis=-1, keepdims=True))
         features = np.concatenate(parts, axis=-1)
         h, w, c = features.shape
-        node = store.ensure_layer(root, "concat", {"features": (("timestep", "y", "x", "channel"), (1, h, w, c))},
-                                  {"y": np.arange(h) * 16.0 + 8, "x": np.arange(w) * 16.0 + 8, "channel": np.arange(c)},
-                                  {"stride": 16.0}, dtype="float32")
+        node = concat.ensure_layer("concat", {"features": (("timestep", "y", "x", "channel"), (1, h, w, c))},
+                                   {"y": np.arange(h) * 16.0 + 8, "x": np.arange(w) * 16.0 + 8, "channel": np.arange(c)},
+                                   {"stride": 16.0}, dtype="float32")
         node["features"][index] = features[None]
-        store.mark_done(root, index, 0.0, 0)
+        concat.mark_done(index, 0.0, 0)
     single = match_store(tmp_path / "concat.zarr", pairs)
     assert len(single) == len(predictions)
     assert (single["pred_x"].to_numpy() == predictions["pred_x"].to_numpy()).all()
@@ -86,14 +86,14 @@ def _naive_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 def _store_of(path, name: str, images: pd.DataFrame, layer: str, maps: list[np.ndarray], stride: float):
     """A features store with one layer holding `maps` (one (h, w, C) map per image), as float32."""
-    root = store.open_store(path, {"kind": "features", "name": name, "determinants": {"name": name}}, images, [261])
+    features_store = FeatureStore.create(path, {"kind": "features", "name": name, "determinants": {"name": name}}, images, [261])
     h, w, c = maps[0].shape
-    node = store.ensure_layer(root, layer, {"features": (("timestep", "y", "x", "channel"), (1, h, w, c))},
-                              {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride,
-                               "channel": np.arange(c)}, {"stride": stride}, dtype="float32")
+    node = features_store.ensure_layer(layer, {"features": (("timestep", "y", "x", "channel"), (1, h, w, c))},
+                                       {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride,
+                                        "channel": np.arange(c)}, {"stride": stride}, dtype="float32")
     for index, features in enumerate(maps):
         node["features"][index] = features[None].astype(np.float32)
-        store.mark_done(root, index, 0.0, 0)
+        features_store.mark_done(index, 0.0, 0)
     return path
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cache.encode import canvas_layout, encode, load_canvas
 from pipeline.cache.extract import extract
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.config import BackboneParams, EncoderParams
 from pipeline.data.spair import load_split
 from pipeline.demo.tiny_models import make_tiny

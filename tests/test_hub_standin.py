@@ -16,6 +16,8 @@ import pytest
 
 from hub_standin import hub_standin
 
+pytestmark = pytest.mark.slow  # downloads from a stand-in hub over HTTP
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCE, GATED = "standin/tiny-sd2", "standin/tiny-sd2-gated"
 PINNED = hashlib.sha1(b"tiny-sd2").hexdigest()
@@ -71,7 +73,7 @@ def run_client(hub, tmp_path: Path, code: str, token: str | None = None, *args: 
 MATERIALISE = """
 import json, sys
 from pipeline.errors import PipelineError
-from pipeline.models.fetch import materialise
+from pipeline.workflows.fetch import materialise
 source, out, revision = sys.argv[1:4]
 try:
     materialise(source, out, revision=revision, needed=json.loads(sys.argv[4]))
@@ -98,7 +100,7 @@ def fetched(hub, tmp_path_factory):
 
 
 def test_only_the_needed_files_are_downloaded_byte_for_byte(fetched, snapshot, hub):
-    from pipeline.models.fetch import is_complete
+    from pipeline.workflows.fetch import is_complete
 
     out, error, requested, downloaded = fetched
     folder, needed = snapshot

@@ -11,6 +11,7 @@ import zarr
 
 from conftest import store_files
 from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.cache.extract import extract
 from pipeline.cache.verify import verify
 from pipeline.config import BackboneParams
@@ -42,8 +43,7 @@ def clean(demo_stores, tmp_path_factory):
 
 def data_chunks(path: Path) -> list[Path]:
     """Every chunk file holding an image's values (not the store's tables nor the coordinates)."""
-    root = zarr.open_group(path, mode="r")
-    return sorted(chunk for array in store.per_image_arrays(root)
+    return sorted(chunk for array in FeatureStore.open(path).per_image_arrays()
                   for chunk in (Path(path) / array.path / "c").rglob("*") if chunk.is_file())
 
 
@@ -69,6 +69,7 @@ def chunk_problems(path: Path) -> list:
 
 
 @pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.slow
 def test_every_bit_flip_is_caught_and_extract_repairs_exactly_the_damaged_images(clean, demo_stores, storage, tmp_path):
     path, predictions = clean[storage]
     copy = Path(shutil.copytree(path, tmp_path / "copy.zarr"))
@@ -139,13 +140,14 @@ def test_stores_of_schema_2_without_checksums_stay_readable_and_verify_says_so(c
         for name, array in group.arrays():
             target.create_array(name, data=array[:], chunks=array.chunks, dimension_names=array.metadata.dimension_names,
                                 fill_value=array.metadata.fill_value, compressors=None)
-    assert not any(store.has_checksums(a) for a in store.per_image_arrays(zarr.open_group(old, mode="r")))
+    assert not any(store.has_checksums(a) for a in FeatureStore.open(old).per_image_arrays())
     problems, summary = verify(old)
     assert problems == [] and "8 array(s) without checksums (schema 2" in summary
     again = match_store(old, demo_stores["pairs"], transform_specs=["raw", "adaln"], statistics="none")
     assert again.equals(predictions)
 
 
+@pytest.mark.slow
 def test_a_store_whose_fingerprint_was_edited_is_refused_not_rebuilt(clean, demo_stores, tmp_path):
     """Its parameters match, its fingerprint does not match them: damaged or edited, and days of work; the DVC
     stage (replace="outdated") refuses in one line and touches nothing; --overwrite (replace="any") rebuilds."""

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline.errors import PipelineError
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.matching.match import match_store
 from pipeline.evaluation.metrics import pck_table
 from test_matching import naive_match
@@ -42,6 +42,7 @@ def test_geoaware_predicts_the_centre_of_the_keypoints_own_cell_on_identity_pair
 
 
 @pytest.mark.parametrize("backbone", ["tiny-sd2", "tiny-sd3", "vae-sd2", "vae-sd3"])
+@pytest.mark.slow
 def test_dift_equals_naive_dift_on_demo_store(demo_stores, backbone):
     path = demo_stores["stores"][backbone]
     pairs = demo_stores["pairs"]

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.metrics import COVERAGE_KEY, format_headline, read_coverage, score_files, best_variants, bbox_threshold, metrics_summary, pck_table
+from pipeline.data.predictions import COVERAGE_KEY, bbox_threshold, read_coverage
+from pipeline.evaluation.metrics import format_headline, score_files, best_variants, metrics_summary, pck_table
 
 
 def _predictions(**variant):

@@ -8,7 +8,7 @@ from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
 from pipeline.cache.extract import extract
 from pipeline.matching.match import match_store
-from pipeline.cache.store import describe
+from pipeline.cache.describe import describe
 from pipeline.cache.verify import verify
 
 

@@ -41,6 +41,7 @@ def planned(scratch: Path, profile: Path, *targets: str) -> set[str]:
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p.name for p in PROFILES])
+@pytest.mark.slow
 def test_every_profile_parses_and_plans_every_stage(scratch, profile):
     params = yaml.safe_load(profile.read_text())
     expected = {"prepare", "evaluate", "report"} | {f"download@{d}" for d in params.get("download") or {}} \

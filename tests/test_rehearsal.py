@@ -54,7 +54,7 @@ def with_departures(profile: dict, url: str, sha256: str) -> dict:
 def spair_tarball(base: Path) -> bytes:
     """SPair-71k.tar.gz: the demo's generator in SPair's layout, 2 categories of 5 images each (a source and 4
     warps of it; 10 pairs)."""
-    from pipeline.demo import DemoSpec, generate
+    from pipeline.demo.dataset import DemoSpec, generate
 
     root = generate(base / "SPair-71k", DemoSpec(seed=0, sources_per_category=1, sizes=SPAIR_SIZES, categories=("star", "blob")))
     buffer = io.BytesIO()

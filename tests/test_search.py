@@ -8,7 +8,7 @@ import zarr
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.matching import search
 from pipeline.matching.search import CellIndex
 
@@ -77,6 +77,7 @@ def test_exact_index_equals_brute_force(store_copy, demo_stores):
                                                 (hit.row + 0.5) * stride * info["height"] / 128))
 
 
+@pytest.mark.slow
 def test_ivfpq_index_reranks_exactly_and_keeps_the_own_cell_first(store_copy, demo_stores, monkeypatch):
     monkeypatch.setattr(search, "FLAT_LIMIT_BYTES", 0)
     maps = StoreMaps(store_copy)

@@ -163,7 +163,7 @@ def test_without_its_latents_store_the_recorded_latents_fingerprint_is_taken(pro
 
 
 def test_the_explorer_and_the_match_stage_check_too(inside, edited_backbone, capsys):
-    from pipeline.explorer import Explorer
+    from pipeline.explorer.explorer import Explorer
     from stages import match as match_stage
     from stages import run
 

@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from pipeline.cache import codecs
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.errors import PipelineError
 
 LAYERS = ["transformer_blocks.1", "transformer_blocks.3"]
@@ -216,6 +216,7 @@ def compact_stores(demo_stores, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_pca_store_fits_its_axes_on_its_sample_and_is_the_same_store_again(compact_stores, demo_stores, tmp_path):
     from pipeline.cache.extract import extract, fit_sample
     from pipeline.config import BackboneParams
@@ -247,7 +248,7 @@ def test_a_pca_store_fits_its_axes_on_its_sample_and_is_the_same_store_again(com
 def test_the_fidelity_sample_leaves_out_the_images_that_fitted_the_axes():
     import pandas as pd
 
-    from pipeline.cache.fidelity import sample_pairs
+    from pipeline.workflows.fidelity import sample_pairs
 
     pairs = pd.DataFrame({"src_image": [f"a/{i}" for i in range(10)], "trg_image": [f"b/{i}" for i in range(10)]})
     fit = ["a/0", "b/3", "b/4"]
@@ -281,6 +282,7 @@ def test_a_compact_store_reads_as_the_same_store(compact_stores, demo_stores):
         assert np.array_equal(np.float32(found["values"]), maps.raw(maps.images.index[2], LAYERS[0], 261).ravel()[:50])
 
 
+@pytest.mark.slow
 def test_matching_reads_compact_stores_as_their_decoded_values(compact_stores, demo_stores, tmp_path):
     """match on a pca store gives exactly what it gives on a float16 store holding the decoded values."""
     import shutil
@@ -300,25 +302,41 @@ def test_matching_reads_compact_stores_as_their_decoded_values(compact_stores, d
     assert len(ours) and ours[columns].equals(theirs[columns])
 
 
-def test_bad_storage_is_a_one_line_error_before_any_work(tmp_path):
-    from pipeline.cache.extract import extract
-    from pipeline.config import BackboneParams
+def test_bad_storage_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
+    """params.yaml's schema refuses an unknown storage when the file is read (extract() takes parameters
+    already validated): one line naming the file, the key, what is expected and what was given, and
+    `extract` writes nothing."""
+    import yaml
+    from click.testing import CliRunner
 
-    params = BackboneParams(kind="sd3", model="m", latents="l", layers=LAYERS, storage="int4")
+    from cli import cli
+    from conftest import REPO
+    from pipeline.config import load_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in params["backbones"].values():  # models/ of a fresh clone: the ViT patch from the default
+        name["model"] = name["model"].replace("models/", "absent/")
+    params["backbones"]["sd3"]["storage"] = "int4"
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    line = "params.yaml: backbones.sd3.storage: expected float16, float16-shuffle or pca:<K>, got 'int4'"
     with pytest.raises(PipelineError) as error:
-        extract(params, "sd3", tmp_path / "no-latents.zarr", tmp_path / "sd3.zarr")
-    assert str(error.value) == ("params.yaml: backbones.sd3.storage: unknown storage 'int4'; expected one of float16, "
-                                "float16-shuffle, pca:K (K a positive integer)")
-    assert not (tmp_path / "sd3.zarr").exists()
+        load_params()
+    assert str(error.value) == line
+    result = CliRunner().invoke(cli, ["extract", "--backbone", "sd3", "--store", str(tmp_path / "sd3.zarr")])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"error: {line}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.slow
 def test_a_lossy_store_measures_its_fidelity_and_verify_holds_it_to_params(compact_stores, demo_stores, tmp_path):
     import shutil
 
     from click.testing import CliRunner
 
     from cli import cli
-    from pipeline.cache import fidelity
+    from pipeline.workflows import fidelity
     from pipeline.cache.verify import fidelity_problems
     from pipeline.config import BackboneParams
     from pipeline.evaluation import metrics
@@ -400,7 +418,7 @@ def test_a_lossy_stores_fingerprint_holds_its_codecs_code():
 
 
 def test_bfloat16_rounding_keeps_eight_significant_bits_within_float16s_range():
-    from pipeline.cache.fidelity import bfloat16_rounding
+    from pipeline.workflows.fidelity import bfloat16_rounding
 
     x = np.array([1 + 2**-8, 1 + 2**-7, 1 + 3 * 2**-8, 300.5, 65504, -65504, 2**-20], np.float16)
     # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1); 1 + 3 x 2^-8 ties to 1 + 2^-6; 300.5 -> 300;
@@ -409,10 +427,12 @@ def test_bfloat16_rounding_keeps_eight_significant_bits_within_float16s_range():
     assert np.array_equal(bfloat16_rounding(x), expected)
 
 
+@pytest.mark.slow
 def test_a_lossy_store_below_the_fidelity_bar_stops_before_its_other_images(demo_stores, tmp_path):
     import os
 
-    from pipeline.cache import fidelity, store
+    from pipeline.cache.store import FeatureStore
+    from pipeline.workflows import fidelity
     from pipeline.cache.extract import fit_sample
     from pipeline.config import BackboneParams, DataParams, FidelityParams, Params
 
@@ -432,7 +452,7 @@ def test_a_lossy_store_below_the_fidelity_bar_stops_before_its_other_images(demo
     root = zarr.open_group(out, mode="r", use_consolidated=False)
     keys = list(root["image"][:])
     fitted = [keys[i] for i in fit_sample(len(keys), 6, 0)]
-    done = [key for key, finished in zip(keys, store.done_mask(root)) if finished]
+    done = [key for key, finished in zip(keys, FeatureStore.as_written(out).done_mask()) if finished]
     figures = root.attrs["fidelity"]
     # Only the sample is extracted, none of it among the images that fitted the axes, and it was measured.
     assert len(done) == figures["images"] == 6 and not set(done) & set(fitted) and figures["images_in_fit"] == 0
@@ -442,7 +462,7 @@ def test_a_lossy_store_below_the_fidelity_bar_stops_before_its_other_images(demo
                      fidelity=FidelityParams(images=6, min_identical=0.0, max_pck_change=100.0))
     assert fidelity.extract_measured(relaxed, "sd3", out) == figures["layers"]
     root = zarr.open_group(out, mode="r")
-    assert store.done_mask(root).all() and root.attrs["fidelity"] == figures and root.attrs["fit_images"] == fitted
+    assert FeatureStore.open(out).done_mask().all() and root.attrs["fidelity"] == figures and root.attrs["fit_images"] == fitted
     # Another sample (fidelity.images) is measured again: figures are never those of other pairs.
     smaller = Params(data=params.data, backbones=params.backbones, store=str(tmp_path),
                      fidelity=FidelityParams(images=4, min_identical=0.0, max_pck_change=100.0))

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from pipeline.cache.features import layer_tensors
 from pipeline.config import BackboneParams
 from pipeline.demo.tiny_models import make_tiny
-from pipeline.models.backbones import Parts, make_backbone
+from pipeline.models.backbones.parts import Parts
+from pipeline.models.backbones.registry import make_backbone
 
 torch.set_num_threads(1)
 

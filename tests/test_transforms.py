@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.matching import transforms
 from pipeline.errors import PipelineError
 from pipeline.matching.match import match_store
@@ -35,15 +35,15 @@ def planted(tmp_path_factory, demo_root):
     images = split.images[split.images["image"].isin(origin)].reset_index(drop=True)
     table = images.assign(valid_x0=0.0, valid_y0=0.0, valid_x1=float(CANVAS), valid_y1=float(CANVAS))
     path = tmp_path_factory.mktemp("planted") / "planted.zarr"
-    root = store.open_store(path, {"kind": "features", "name": "planted", "determinants": {"test": 1}},
-                            table, [500], replace="never")
+    written = FeatureStore.create(path, {"kind": "features", "name": "planted", "determinants": {"test": 1}},
+                                  table, [500], replace="never")
     stride = CANVAS / GRID
-    node = store.ensure_layer(root, "transformer_blocks.5",
-                              {"features": (("timestep", "y", "x", "channel"), (1, GRID, GRID, CHANNELS)),
-                               "shift": (("timestep", "channel"), (1, CHANNELS)),
-                               "scale": (("timestep", "channel"), (1, CHANNELS))},
-                              {"y": (np.arange(GRID) + 0.5) * stride, "x": (np.arange(GRID) + 0.5) * stride,
-                               "channel": np.arange(CHANNELS)}, {"stride": stride})
+    node = written.ensure_layer("transformer_blocks.5",
+                                {"features": (("timestep", "y", "x", "channel"), (1, GRID, GRID, CHANNELS)),
+                                 "shift": (("timestep", "channel"), (1, CHANNELS)),
+                                 "scale": (("timestep", "channel"), (1, CHANNELS))},
+                                {"y": (np.arange(GRID) + 0.5) * stride, "x": (np.arange(GRID) + 0.5) * stride,
+                                 "channel": np.arange(CHANNELS)}, {"stride": stride})
     rng = np.random.default_rng(0)
     modulation = 0.1 * rng.standard_normal((2, CHANNELS))
     centres = (np.arange(GRID) + 0.5) * stride
@@ -60,7 +60,7 @@ def planted(tmp_path_factory, demo_root):
         features[:, MASSIVE] = 300.0 * noise
         node["features"][index] = features.reshape(1, GRID, GRID, CHANNELS).astype(np.float16)
         node["shift"][index], node["scale"][index] = modulation[:1], modulation[1:]
-        store.mark_done(root, index, 0.0, 0)
+        written.mark_done(index, 0.0, 0)
     kinds = split.pairs["filename"].map(lambda name: warps[f"test/{name}"]["kind"])
     pairs = split.pairs[~kinds.isin(["instance", "identity"])]
     return path, pairs

@@ -41,35 +41,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import FixedScaleOffset
 from zarr.core.common import parse_named_configuration
 
-STORAGE = ("float16", "float16-shuffle", "pca:K")
+from pipeline.config import parse_storage
+
 STORAGE_CHOICES = ("float16", "float16-shuffle", "pca:256", "pca:128", "pca:64")  # what `plan` prices
 EXACT_CHANNELS = 16  # pca: at most this many outsized channels kept exactly
 EXACT_RATIO = 10.0  # pca: a channel is outsized when its median |x| is this many times the channels' median
-
-
-def parse_storage(storage: str) -> tuple[str, int | None]:
-    """("float16" | "float16-shuffle" | "pca", K or None); ValueError naming the choices."""
-    kind, _, components = storage.partition(":")
-    if kind == "pca" and components.isdigit() and int(components) > 0:
-        return kind, int(components)
-    if storage in STORAGE[:2]:
-        return storage, None
-    raise ValueError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGE)} (K a positive integer)")
-
-
-def check_storage(storage: str, backbone: str) -> str:
-    """A backbone's `storage`, or a one-line error naming the parameter."""
-    from pipeline.errors import PipelineError
-
-    try:
-        parse_storage(storage)
-    except ValueError as exc:
-        raise PipelineError("params.yaml", f"backbones.{backbone}.storage", str(exc)) from None
-    return storage
-
-
-def is_lossy(storage: str) -> bool:
-    return parse_storage(storage)[0] == "pca"
 
 
 TORCH_GRAIN = 32768  # torch's intra-op grain (at::internal::GRAIN_SIZE): a cast of at most this many values is serial
@@ -77,10 +53,9 @@ TORCH_GRAIN = 32768  # torch's intra-op grain (at::internal::GRAIN_SIZE): a cast
 
 def cast(values: np.ndarray, dtype) -> np.ndarray:
     """`values.astype(dtype)`; between float16 and float32 through torch's vectorised casts (the same
-    round-to-nearest-even values, 3.5x faster than numpy 2.4's on x86: a real-size chunk's cast takes 3.2 ms
-    against 11 ms), a grain at a time. Zarr codes chunks in worker threads, and a torch cast over more values
-    than a grain would start an OpenMP team in each of them, whose spinning threads took the cores of the rest
-    (mid-size SD3, 2 CPUs: +22 ms an image's pca:128 write)."""
+    round-to-nearest-even values, several times faster than numpy's on x86), a grain at a time. Zarr codes chunks
+    in worker threads, and a torch cast over more values than a grain would start an OpenMP team in each of
+    them, whose spinning threads take the cores of the rest (benchmarks/extract.py measures the writes)."""
     import torch  # not at import: Zarr loads these codecs to open any store
 
     dtype = np.dtype(dtype)
@@ -97,8 +72,8 @@ def cast(values: np.ndarray, dtype) -> np.ndarray:
 class OneBlasThread:
     """numpy's BLAS on one thread while any chunk is being coded. Zarr codes an image's chunks in parallel,
     one per worker thread; BLAS threads on top of them only compete for the same cores, and OpenBLAS's
-    threads spin after each call, taking cores from the model's next forward pass (2 CPUs, mid-size SD3:
-    pca:128 cost +18% to +45% over float16 with them). Reference-counted, as threadpoolctl's limits are per
+    threads spin after each call, taking cores from the model's next forward pass (benchmarks/extract.py
+    measures what they cost a pca:K write). Reference-counted, as threadpoolctl's limits are per
     process; the extraction loop holds it throughout (a restored limit wakes the threads that spin)."""
 
     def __init__(self):

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import zarr
-
 from pipeline.cache import store
+from pipeline.cache.extract import _determinants
+from pipeline.cache.provenance import differences
+from pipeline.cache.store import FeatureStore
 from pipeline.errors import PipelineError
 
 
@@ -29,8 +30,8 @@ def _latents_attrs(path: Path, recorded: dict) -> dict:
     """The latents store's attributes (its fingerprint whether or not every image is encoded yet); the
     store's own record of it when there is no latents store at `path`."""
     try:
-        attrs = dict(zarr.open_group(path, mode="r").attrs)
-    except Exception:  # noqa: BLE001 - absent or unreadable: cannot be checked here
+        attrs = FeatureStore.open(path).attrs
+    except PipelineError:  # absent or unreadable: cannot be checked here
         attrs = {}
     if attrs.get("kind") == "latents" and "fingerprint" in attrs:
         return attrs
@@ -40,13 +41,11 @@ def _latents_attrs(path: Path, recorded: dict) -> dict:
 def expected_determinants(recorded: dict, name: str, params) -> dict:
     """The determinants `extract` would record now for params.yaml's backbone `name` (`recorded`: the
     store's, for what cannot be checked here)."""
-    from pipeline.cache.extract import _determinants
-
     spec = params.backbone(name)
     expected = _determinants(spec, _latents_attrs(params.latents_path(spec.latents), recorded))
     if not Path(spec.model).is_dir() and recorded.get("model") == spec.model and "model_identity" in recorded:
         expected["model_identity"] = recorded["model_identity"]  # a local model not on this machine
-    if "only" in recorded:  # a fidelity reference: some of the latents store's images (pipeline/cache/fidelity.py)
+    if "only" in recorded:  # a fidelity reference: some of the latents store's images (pipeline/workflows/fidelity.py)
         expected["only"] = recorded["only"]
     return expected
 
@@ -58,14 +57,12 @@ def _same_place(a, b) -> bool:
 
 
 def _what_differs(old: dict, new: dict) -> list[str]:
-    from pipeline.cache.provenance import differences
-
     return differences(old, new, limit=4)
 
 
 def _stale(path, params, source: str) -> tuple[str, str] | None:
     """(the store's name, why it is stale), or None for a current or a foreign store."""
-    attrs = dict(store.open_existing(path).attrs)
+    attrs = FeatureStore.open(path).attrs
     recorded, name = attrs.get("determinants"), attrs.get("name")
     if attrs.get("kind") != "features" or not isinstance(recorded, dict) or name not in params.backbones:
         return None

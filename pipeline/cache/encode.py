@@ -22,13 +22,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.cache import store
+from diffusers import AutoencoderKL
+
+from pipeline.cache import sizes, store
 from pipeline.cache.provenance import code_closure, library_versions, model_identity
-from pipeline.models import hub
-from pipeline.models.backbones import VAE_FACTOR
-from pipeline.config import EncoderParams, check_policy
+from pipeline.cache.store import FeatureStore
+from pipeline.config import EncoderParams
 from pipeline.data.images import open_rgb
 from pipeline.errors import PipelineError, report_skipped
+from pipeline.models import hub
 
 CANVAS_MODES = ("squash", "pad", "center")
 # Per mode: PIL's resampling filter and the padding's value in [-1, 1] (`center`: GeoAware-SC's uint8 0).
@@ -74,9 +76,16 @@ def images_on_canvas(images: pd.DataFrame, size: int, mode: str) -> pd.DataFrame
 
 
 def peak_memory(device: torch.device) -> int:
+    """Bytes: the device's peak allocation on CUDA; on the CPU this process's resident high-water mark (the
+    kernel's VmHWM: rusage's ru_maxrss would carry over the peak of the process that started this one)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None)
+        if line is not None:
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: Linux reports KiB, macOS bytes
 
 
 def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path, out: str | Path,
@@ -84,20 +93,12 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     """Write the latents store `out`: posterior mean and std per image (for `kind: pixels`, the canvas
     itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run.
     `on_error: skip` records an unreadable image's reason in the store and goes on."""
-    check_policy(on_error)
-    if params.kind not in ("vae", "pixels"):
-        raise PipelineError("params.yaml", "kind", f"unknown encoder kind {params.kind!r}; expected vae or pixels")
-    # The VAE needs a multiple of its factor; each backbone checks what it needs on top (a ViT: its patch).
-    if params.kind == "vae" and params.canvas % VAE_FACTOR:
-        raise PipelineError("params.yaml", "canvas", f"{params.canvas} px is not a multiple of the VAE's {VAE_FACTOR} px")
     table = images_on_canvas(images, params.canvas, params.canvas_mode)
     device = hub.resolve_device(params.device)
     dtype = hub.resolve_dtype(params.dtype, device)
     vae, factors = None, {"scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": 3}
     if params.kind == "vae":
         hub.quiet()
-        from diffusers import AutoencoderKL
-
         vae = hub.from_pretrained(AutoencoderKL, params.model, subfolder="vae", dtype=dtype).to(device).eval()
         factors = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0,
                    "latent_channels": vae.config.latent_channels}
@@ -109,28 +110,26 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
              **factors, "determinants": determinants}
     if check_disk:
-        from pipeline.cache import sizes
-
-        pending = store.pending_count(out, determinants, len(table))
+        pending = FeatureStore.pending_count(out, determinants, len(table))
         sizes.check_disk(out, sizes.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
     skipped = []
     with store.writer_lock(out), store.writing(out):
-        root = store.open_store(out, attrs, table, None, replace)
-        store.redo(root, out)
-        done = store.done_mask(root)
+        latents = FeatureStore.create(out, attrs, table, None, replace)
+        latents.redo()
+        done = latents.done_mask()
         paths = images.set_index("image")["path"]
         with tqdm(total=len(table), initial=int(done.sum()), unit="img", desc=f"encode {Path(out).name}") as bar:
             for index in np.flatnonzero(~done):
                 key = table["image"].iloc[index]
                 try:
-                    _encode_image(root, index, key, vae, Path(dataset_root) / paths[key], params, device, dtype, out)
+                    _encode_image(latents, index, key, vae, Path(dataset_root) / paths[key], params, device, dtype, out)
                 except PipelineError as exc:
                     if on_error != "skip":
                         raise
-                    store.mark_skipped(root, index, str(exc))
+                    latents.mark_skipped(index, str(exc))
                     skipped.append((key, str(exc)))
                 bar.update()
-        store.finish(root)
+        latents.finish()
     report_skipped(out, skipped)
     return Path(out)
 
@@ -158,7 +157,7 @@ def posterior(vae, pixels: torch.Tensor, device, dtype) -> tuple[np.ndarray, np.
             result.std[0].permute(1, 2, 0).float().cpu().numpy())
 
 
-def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderParams, device, dtype, out) -> None:
+def _encode_image(latents: FeatureStore, index: int, key: str, vae, path: Path, params: EncoderParams, device, dtype, out) -> None:
     start = time.perf_counter()
     pixels = load_canvas(path, params.canvas, params.canvas_mode)
     if vae is None:
@@ -170,12 +169,12 @@ def _encode_image(root, index: int, key: str, vae, path: Path, params: EncoderPa
         raise PipelineError(path, None, "the VAE gave non-finite latents for this image")
     h, w, c = mean.shape
     stride = params.canvas / h
-    node = store.ensure_layer(
-            root, "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
+    node = latents.ensure_layer(
+        "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
         {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
         {"stride": stride, "description": "the canvas in [-1, 1]" if vae is None else
          "VAE posterior on the canvas, before any scaling"}, dtype="float32",
         storage={"mean": "canvas", "std": "zero"} if vae is None else None,
     )
-    store.write_image(index, [(node["mean"], mean), (node["std"], std)])
-    store.mark_done(root, index, time.perf_counter() - start, peak_memory(device))
+    latents.write_image(index, [(node["mean"], mean), (node["std"], std)])
+    latents.mark_done(index, time.perf_counter() - start, peak_memory(device))

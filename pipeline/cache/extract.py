@@ -1,7 +1,7 @@
 """Latents store -> features store, one backbone run: the loop over images (resumable, sharded on dask
 workers, skipping bad images under `on_error: skip`) around pipeline/cache/features.py, which computes
 each image's arrays; for `pca:K`, first the fit of each layer's axes on `fit_images` images. A lossy
-store's fidelity sample goes first (`first`; pipeline/cache/fidelity.py).
+store's fidelity sample goes first (`first`; pipeline/workflows/fidelity.py).
 """
 
 from __future__ import annotations
@@ -17,38 +17,16 @@ import zarr
 from tqdm import tqdm
 
 from pipeline import cluster
-from pipeline.cache import codecs, store
+from pipeline.cache import codecs, sizes, store
 from pipeline.cache.encode import peak_memory
 from pipeline.cache.features import image_maps
 from pipeline.cache.provenance import code_closure, library_versions, model_identity, module_classes
-from pipeline.config import BackboneParams, check_policy
+from pipeline.cache.store import FeatureStore
+from pipeline.config import BackboneParams, parse_storage
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models import hub
-from pipeline.models.backbones import Parts, backbone_class, make_backbone
-
-
-def open_latents(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    try:
-        latents = zarr.open_group(path, mode="r")
-    except Exception:  # noqa: BLE001
-        raise PipelineError(path, None, "latents store is missing or unreadable; run the encode stage first") from None
-    if latents.attrs.get("kind") != "latents":
-        raise PipelineError(path, "kind", "not a latents store")
-    table = store.read_images(latents)
-    pending = int((~table["done"] & (table["error"] == "")).sum())
-    if pending:
-        raise PipelineError(path, "images/done", f"{pending} images not encoded yet; finish the encode stage first")
-    return latents
-
-
-def _check(params: BackboneParams) -> None:
-    if params.latent not in ("sample", "mean"):
-        raise PipelineError("params.yaml", "latent", f"expected sample or mean, got {params.latent!r}")
-    if params.ensemble < 1:
-        raise PipelineError("params.yaml", "ensemble", f"expected >= 1, got {params.ensemble}")
-    if not params.timesteps or not all(0 <= t <= 1000 for t in params.timesteps):
-        raise PipelineError("params.yaml", "timesteps", f"expected values in 0..1000, got {params.timesteps}")
+from pipeline.models.backbones.parts import Parts
+from pipeline.models.backbones.registry import backbone_class, make_backbone
 
 
 _backbones: dict[str, object] = {}
@@ -83,23 +61,18 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     writing its own images' chunks of the same store. `on_error: skip` records a failing image's
     reason in the store and goes on; `fail` stops at the first. Before any work, the images still to do
     must fit on the store's disk (`check_disk`; see pipeline/cache/sizes.py). `only`: these images of the
-    latents store, not all (pipeline/cache/fidelity.py's float16 reference). `first`: extract only these of
-    the store's images in this call, leaving the others to the next (pipeline/cache/fidelity.py's sample).
+    latents store, not all (pipeline/workflows/fidelity.py's float16 reference). `first`: extract only these of
+    the store's images in this call, leaving the others to the next (pipeline/workflows/fidelity.py's sample).
     """
-    _check(params)
-    codecs.check_storage(params.storage, name)
-    check_policy(on_error)
-    latents = open_latents(latents_path)
-    latents_attrs = dict(latents.attrs)
-    images = store.read_images(latents)
+    latents = FeatureStore.open_latents(latents_path)
+    latents_attrs = latents.attrs
+    images = latents.images()
     categories = sorted(images["category"].unique())
     if only is not None:
         images = images[images["image"].isin(only)].reset_index(drop=True)
     determinants = _determinants(params, latents_attrs) | ({"only": sorted(only)} if only is not None else {})
     if check_disk:
-        from pipeline.cache import sizes
-
-        sizes.check_store_fits(out, params, latents_attrs, store.pending_count(out, determinants, len(images)))
+        sizes.check_store_fits(out, params, latents_attrs, FeatureStore.pending_count(out, determinants, len(images)))
     if client is None:
         _backbone(params, latents_attrs, categories)  # refuse unknown layers before touching the store
     else:
@@ -115,14 +88,14 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
         "versions": library_versions(),
     }
     with store.writer_lock(out), store.writing(out):
-        root = store.open_store(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
-        store.redo(root, out)
-        if codecs.parse_storage(params.storage)[0] == "pca" and not all(layer in root for layer in params.layers):
+        features = FeatureStore.create(out, attrs, images[["image", *store.IMAGE_COLUMNS]], params.timesteps, replace)
+        features.redo()
+        if parse_storage(params.storage)[0] == "pca" and not all(layer in features.root for layer in params.layers):
             fit = (params, str(latents_path), str(out), fit_sample(len(images), params.fit_images, params.seed))
             _fit_axes(*fit) if client is None else client.submit(_fit_axes, *fit, pure=False).result()
-        pending = [int(i) for i in np.flatnonzero(~store.done_mask(root))]
+        pending = [int(i) for i in np.flatnonzero(~features.done_mask())]
         if first is not None:
-            keys, wanted = root["image"][:], set(first)
+            keys, wanted = features.keys(), set(first)
             pending = [i for i in pending if keys[i] in wanted]
         job = (params, str(latents_path), str(out), on_error)
         skipped = []
@@ -130,8 +103,8 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
             if client is None:
                 skipped = _extract_images(*job, pending, progress=bar.update)
             else:
-                skipped = _extract_distributed(client, job, root, pending, bar)
-        store.finish(root)
+                skipped = _extract_distributed(client, job, features, pending, bar)
+        features.finish()
     report_skipped(out, skipped)
     return Path(out)
 
@@ -142,7 +115,7 @@ def feature_code(params: BackboneParams) -> dict[str, str]:
     backbone's class and its bases (chosen by `kind` at run time: `backbone_class`, a registry, counts by
     its own source, not by every class it could return) and, for a storage other than float16, the codec
     module's classes (Zarr calls them through its registry)."""
-    roots = [_extract_images, *([_fit_axes] if codecs.parse_storage(params.storage)[0] == "pca" else []),
+    roots = [_extract_images, *([_fit_axes] if parse_storage(params.storage)[0] == "pca" else []),
              backbone_class(params.kind)]
     if params.storage != "float16":
         roots += module_classes(codecs)
@@ -160,22 +133,22 @@ def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:
         determinants.pop(where_it_runs)
     if params.storage == "float16":
         determinants.pop("storage")  # the default: stores extracted before the knob existed keep their fingerprint
-    if codecs.parse_storage(params.storage)[0] != "pca":
+    if parse_storage(params.storage)[0] != "pca":
         determinants.pop("fit_images")
     return determinants
 
 
 def expected_fingerprint(params: BackboneParams, latents_path: str | Path) -> str:
     """The fingerprint a store extracted with `params` from `latents_path` would have."""
-    return store.fingerprint(_determinants(params, dict(open_latents(latents_path).attrs)))
+    return store.fingerprint(_determinants(params, FeatureStore.open_latents(latents_path).attrs))
 
 
-def _extract_distributed(client, job, root, pending: list[int], bar) -> list[tuple[str, str]]:
-    from distributed import as_completed
+def _extract_distributed(client, job, features: FeatureStore, pending: list[int], bar) -> list[tuple[str, str]]:
+    from distributed import as_completed  # distributed: seconds to import, and only a dask client needs it
 
     skipped = []
     # The first finished image lays out every layer's arrays; then workers only write chunks.
-    while pending and not all(layer in root for layer in job[0].layers):
+    while pending and not all(layer in features.root for layer in job[0].layers):
         skipped += client.submit(_extract_images, *job, pending[:1], pure=False).result()
         pending = pending[1:]
         bar.update()
@@ -197,15 +170,15 @@ class _Images:
 
     def __init__(self, params: BackboneParams, latents_path: str, out: str):
         self.params, self.latents_path, self.out = params, latents_path, out
-        latents = zarr.open_group(latents_path, mode="r")
-        self.latents_attrs = dict(latents.attrs)
-        self.images = store.read_images(latents)
+        latents = FeatureStore.open(latents_path)
+        self.latents_attrs = latents.attrs
+        self.images = latents.images()
         self.backbone = _backbone(params, self.latents_attrs, sorted(self.images["category"].unique()))
-        self.root = zarr.open_group(out, mode="r+", use_consolidated=False)
-        self.mean, self.std = latents["posterior/mean"], latents["posterior/std"]
+        self.store = FeatureStore.for_writing(out)
+        self.mean, self.std = latents.root["posterior/mean"], latents.root["posterior/std"]
         # The store may hold some of the latents store's images (`only`): its rows are found by image key.
         in_latents = {image: i for i, image in enumerate(self.images["image"])}
-        self.sources = [in_latents[key] for key in self.root["image"][:]]
+        self.sources = [in_latents[key] for key in self.store.keys()]
         self.arrays: list[tuple[str, zarr.Array, str]] | None = None
 
     def key(self, index: int) -> str:
@@ -236,8 +209,8 @@ class _Images:
                       "overflow": (("timestep",), (timesteps,), "int64")}
             if (layer, "shift") in maps:
                 arrays |= {"shift": (("timestep", "channel"), (timesteps, c)), "scale": (("timestep", "channel"), (timesteps, c))}
-            node = store.ensure_layer(
-                self.root, layer, arrays,
+            node = self.store.ensure_layer(
+                layer, arrays,
                 {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},
                 {**self.backbone.layer_attrs(layer), "stride": stride}, storage={"features": self.params.storage},
                 basis=(bases or {}).get(layer),
@@ -269,8 +242,8 @@ def _fit_axes(params: BackboneParams, latents_path: str, out: str, indices: list
         fitted.append(worker.key(index))
     if maps is None or not fitted:
         raise PipelineError(out, "fit_images", f"none of the {len(indices)} images sampled to fit {params.storage} could be extracted")
-    _, components = codecs.parse_storage(params.storage)
-    worker.root.attrs["fit_images"] = fitted  # before the layers: a run killed in between fits again
+    _, components = parse_storage(params.storage)
+    worker.store.set_attrs(fit_images=fitted)  # before the layers: a run killed in between fits again
     worker.lay_out(maps, {layer: layer_moments.fit(components) for layer, layer_moments in moments.items()})
 
 
@@ -288,12 +261,12 @@ def _extract_images(params: BackboneParams, latents_path: str, out: str, on_erro
                 torch.cuda.reset_peak_memory_stats(worker.backbone.device)
             try:
                 maps = worker.maps(index)
-                store.write_image(index, [(array, maps[(layer, name)]) for layer, array, name in worker.lay_out(maps)])
-                store.mark_done(worker.root, index, time.perf_counter() - start, peak_memory(worker.backbone.device))
+                worker.store.write_image(index, [(array, maps[(layer, name)]) for layer, array, name in worker.lay_out(maps)])
+                worker.store.mark_done(index, time.perf_counter() - start, peak_memory(worker.backbone.device))
             except PipelineError as exc:
                 if on_error != "skip":
                     raise
-                store.mark_skipped(worker.root, index, str(exc))
+                worker.store.mark_skipped(index, str(exc))
                 skipped.append((worker.key(index), str(exc)))
             if progress:
                 progress()

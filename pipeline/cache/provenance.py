@@ -37,6 +37,7 @@ import types
 import weakref
 from pathlib import Path
 
+from pipeline.config import user_cache
 from pipeline.errors import PipelineError
 
 # A model folder's identity is its weights, configs and tokenizer files: not READMEs, licences, sample
@@ -136,8 +137,6 @@ def file_digests(paths) -> dict[Path, str]:
 def digest_cache_path() -> Path | None:
     """`file-digests.json` in the user's cache (pipeline/config.py, `user_cache`); never inside a model folder
     (a DVC output). None without a home directory: digests are then computed every time."""
-    from pipeline.config import user_cache
-
     try:
         return user_cache() / "file-digests.json"
     except PipelineError:

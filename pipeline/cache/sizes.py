@@ -1,7 +1,7 @@
 """What a store will hold before a byte is written: every stored array's shape from a run of the backbone
 on the meta device (no weights, no memory, the same capture path as extraction), the bytes per image,
 and whether the store's disk has room for the images still to do (encode and extract check before they
-start; `python cli.py plan` adds downloads, memory and time on top, pipeline/plan.py).
+start; `python cli.py plan` adds downloads, memory and time on top, pipeline/workflows/plan.py).
 """
 
 from __future__ import annotations
@@ -12,13 +12,20 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPModel, Dinov2Model
 
+from pipeline.cache.codecs import chunk_bytes
+from pipeline.cache.features import layer_tensors
 from pipeline.config import BackboneParams, EncoderParams
 from pipeline.errors import PipelineError
+from pipeline.models import hub
+from pipeline.models.backbones.registry import make_backbone
+from pipeline.models.kinds import KINDS, VAE_FACTOR
+from pipeline.models.realsize import ConfigParts
 
 ACTIVATION_FACTOR = 3
-TEXT_COMPONENTS = {"sd2": ["text_encoder"], "sd3": ["text_encoder", "text_encoder_2"],
-                   "flux": ["text_encoder", "text_encoder_2"]}
 
 
 # ---- the meta-device run ------------------------------------------------------------------------
@@ -35,18 +42,13 @@ class MetaRun:
 
 def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> MetaRun:
     """Build `backbone` from `configs` on the meta device and run one image, one member, one timestep."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.models.backbones import ConfigParts, make_backbone
-    from pipeline.cache.features import layer_tensors
-
     one = dataclasses.replace(backbone, ensemble=1, timesteps=backbone.timesteps[:1])
-    parts = ConfigParts(configs, dtype=_dtype(backbone.dtype, "backbones"))
+    parts = ConfigParts(configs, dtype=torch_dtype(backbone.dtype, "backbones"))
     model = make_backbone(one, {**latents_attrs, "model": backbone.model}, parts, ["plan"])
     model.check_layers(backbone.layers)
-    side = latents_attrs["canvas"] // 8 if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
+    side = latents_attrs["canvas"] // VAE_FACTOR if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
     latent = torch.zeros(latents_attrs["latent_channels"], side, side)
-    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest:
+    with FlopCounterMode(display=False) as flops, LargestOutput() as largest:
         tensors = layer_tensors(one, model, "plan/x", "plan", latent, latent, one.timesteps[0])
     denoiser = model.denoiser()
     blocks = [block for module in (denoiser.children() if denoiser is not None else [])
@@ -60,7 +62,7 @@ def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> Me
     )
 
 
-class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+class LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
     """The bytes of the largest tensor any op produces, attention's internals left out: on CUDA
     scaled_dot_product_attention runs fused kernels that never hold the score matrix."""
 
@@ -69,8 +71,6 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         self.bytes, self._in_attention = 0, 0
 
     def __enter__(self):
-        import torch.nn.functional as F
-
         self._sdpa = F.scaled_dot_product_attention
 
         def fused(*args, **kwargs):
@@ -86,8 +86,6 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        import torch.nn.functional as F
-
         F.scaled_dot_product_attention = self._sdpa
         return super().__exit__(*exc)
 
@@ -103,9 +101,7 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _dtype(name: str, section: str) -> torch.dtype:
-    from pipeline.models import hub
-
+def torch_dtype(name: str, section: str) -> torch.dtype:
     if name not in hub.DTYPES:
         raise PipelineError("params.yaml", f"{section}: dtype", f"unknown dtype {name!r}; expected one of {sorted(hub.DTYPES)}")
     return hub.DTYPES[name]
@@ -114,8 +110,6 @@ def _dtype(name: str, section: str) -> torch.dtype:
 def stored_bytes(run: MetaRun, timesteps: int, storage: str = "float16") -> int:
     """Bytes of one image in a features store before compression: `features` kept as `storage`
     (pipeline/cache/codecs.py), the other arrays float16, plus an int64 overflow count per layer."""
-    from pipeline.cache.codecs import chunk_bytes
-
     arrays = sum(chunk_bytes(storage if array == "features" else "float16", shape) for (_, array), shape in run.shapes.items())
     layers = len({layer for layer, _ in run.shapes})
     return timesteps * (arrays + 8 * layers)
@@ -135,14 +129,7 @@ def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: d
 def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
     if encoder.kind == "pixels":
         return 2 * encoder.canvas**2 * channels  # the canvas and its std (0), uint8 (codecs.UINT8_LOSSLESS)
-    return 2 * (encoder.canvas // 8) ** 2 * channels * 4  # mean and std, float32
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return 2 * (encoder.canvas // VAE_FACTOR) ** 2 * channels * 4  # mean and std, float32
 
 
 # ---- disk ---------------------------------------------------------------------------------------
@@ -172,14 +159,12 @@ def human(n: float) -> str:
 
 
 def text_components(backbone: BackboneParams) -> list[str]:
-    return TEXT_COMPONENTS.get(backbone.kind, []) + (["text_encoder_3"] if backbone.kind == "sd3" and backbone.t5 else [])
+    return KINDS[backbone.kind].text_encoders + (["text_encoder_3"] if backbone.kind == "sd3" and backbone.t5 else [])
 
 
 def parameters(parts, component: str | None) -> int:
     """Parameters of one component built on the meta device (0 for tokenizers and schedulers)."""
     if component is None:  # a single transformers model: DINOv2, or CLIP (the repository holds text and vision)
-        from transformers import CLIPModel, Dinov2Model
-
         cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPModel
     else:
         cls = parts.component_class(component)

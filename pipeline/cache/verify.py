@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import codecs, store
+from pipeline.cache import store
+from pipeline.cache.describe import bfloat16_scale
+from pipeline.cache.store import FeatureStore
+from pipeline.config import is_lossy
 from pipeline.errors import CHECKSUM_MISMATCH
 
 
@@ -34,9 +37,8 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
            fidelity_limits: tuple[float, float] = (0.98, 0.5)) -> tuple[list[Problem], str]:
     """The problems found, and a one-line summary of what was checked. `fidelity_limits`: the least
     fraction of identical predictions and the largest PCK change (points) a lossy store may show."""
-    path = store.location(path)
-    root = store.open_existing(path)
-    attrs = dict(root.attrs)
+    found = FeatureStore.open(path)
+    path, root, attrs = found.path, found.root, found.attrs
     problems = []
     recorded = store.fingerprint(attrs.get("determinants", {}))
     if recorded != attrs["fingerprint"]:
@@ -51,16 +53,16 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
 
     problems += [Problem(None, f"fidelity: {layer}", reason) for layer, reason in fidelity_problems(attrs, *fidelity_limits)]
     try:
-        images = store.read_images(root)
+        images = found.images()
     except ValueError as exc:  # a damaged chunk of the per-image table: nothing per image can be said
         if not str(exc).startswith(CHECKSUM_MISMATCH):
             raise
-        damaged = [chunk for array in root["images"].array_values() for chunk in store.damaged_chunks_of(root, path, array)]
+        damaged = [chunk for array in root["images"].array_values() for chunk in found.damaged_chunks_of(array)]
         return problems + [Problem(None, chunk, "damaged (checksum mismatch): the store's per-image table cannot be read; "
                                                 "`extract --overwrite` rebuilds the store") for chunk in damaged], \
             f"{path}: {attrs.get('kind')} store, per-image table damaged, fingerprint {attrs['fingerprint']}"
     count = len(images)
-    nodes = {name: root[name] for name in store.data_nodes(root)}
+    nodes = {name: root[name] for name in found.data_nodes()}
     timesteps = root["timestep"].shape[0] if "timestep" in root else None
     arrays = []
     for name, node in nodes.items():
@@ -75,7 +77,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
             else:
                 arrays.append((f"{name}/{key}", array))
 
-    damaged = store.damaged_chunks(root, path, np.flatnonzero(images["done"].to_numpy()))
+    damaged = found.damaged_chunks(np.flatnonzero(images["done"].to_numpy()))
     for index, row in tqdm(list(images.iterrows()), unit="img", desc=f"verify {Path(str(path)).name}"):
         if not row["done"]:
             reason = f"skipped: {row['error']}" if row["error"] else "not done (resume the stage that writes it)"
@@ -105,7 +107,7 @@ def verify(path: str | Path, expected_fingerprint: str | None = None,
     if unchecked:
         summary += (f"; {unchecked} array(s) without checksums (schema {attrs.get('schema_version', 1)}: a bit flip there "
                     "reads as a value; extract with --overwrite to rebuild with them)")
-    clipped = store.overflow(root) if not any(where.endswith("/overflow") for p in problems for where in [p.where]) else {}
+    clipped = found.overflow() if not any(where.endswith("/overflow") for p in problems for where in [p.where]) else {}
     if clipped:
         summary += "; values clipped to float16's range: " + ", ".join(f"{k} {v}" for k, v in clipped.items())
     return problems, summary
@@ -129,7 +131,7 @@ def _shape_problem(array, dims: tuple, count: int, timesteps: int | None, node) 
 
 def fidelity_problems(attrs: dict, min_identical: float, max_pck_change: float) -> list[tuple[str, str]]:
     """(layer, reason) for each layer below the thresholds; a lossy store without figures is one problem."""
-    if not codecs.is_lossy(attrs.get("storage", "float16")):
+    if not is_lossy(attrs.get("storage", "float16")):
         return []
     found = attrs.get("fidelity")
     if not found:
@@ -137,7 +139,7 @@ def fidelity_problems(attrs: dict, min_identical: float, max_pck_change: float) 
     bad = []
     for layer, figures in found["layers"].items():
         # For scale: what rounding the same float16 features to bfloat16 kept (stores measured since it exists).
-        scale = f" ({store.bfloat16_scale(figures)})" if "bfloat16_identical" in figures else ""
+        scale = f" ({bfloat16_scale(figures)})" if "bfloat16_identical" in figures else ""
         if figures["identical"] < min_identical:
             bad.append((layer, f"{figures['identical']:.1%} of predictions identical to float16 < {min_identical:.0%}"
                                + scale))

@@ -1,2 +1,3 @@
 """Data: the SPair-71k layout read into pairs and images tables (`spair`), dataset archives fetched and
-unpacked (`download`), and image files read and written (`images`)."""
+unpacked (`download`), image files read and written (`images`), and the predictions table's schema, which
+matching writes and evaluation reads (`predictions`)."""

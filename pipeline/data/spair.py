@@ -1,6 +1,6 @@
 """SPair-71k on disk -> a pairs table and an images table.
 
-Layout (the release's own, also written by `pipeline.demo`):
+Layout (the release's own, also written by `pipeline.demo.dataset`):
     JPEGImages/<cat>/<name>.jpg, ImageAnnotation/<cat>/<name>.json,
     PairAnnotation/<split>/<pairid6>-<src>-<trg>:<cat>.json, Layout/{large,small}/<split>.txt
 

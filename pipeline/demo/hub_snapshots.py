@@ -9,13 +9,7 @@ classes. Every config file is the released one (pipeline/models/real_configs/) w
 fields narrowed (from pipeline/demo/tiny_models.py's configs): depths, block types, module paths, patch
 sizes, latent channels, VAE factors and scaling/shift factors, token lengths, schedulers and the weight
 files' precision are the real ones. So the rehearsal proves everything of the real profile except the
-learned values and the widths, on 2 CPU cores in minutes, at the profile's real canvases.
-
-Cost (2 CPU cores, float32, one image at the profile's canvases; measured on the project's dev machine):
-building all five takes ~3 s and ~20 MB (the `model@` stages download ~18 MB of it); the VAE encode
-~0.5 s per 768-px image; a forward through sd2's U-Net (layers_per_block 2, as released) ~2 s per
-timestep at ensemble 8, so ~6 s per image for its 3 timesteps; sd3's 24 joint blocks at ensemble 8 ~2 s;
-flux's 57 blocks with T5 at 512 tokens ~1 s; dinov2 at 840 px ~0.2 s; clip at 224 px < 0.1 s.
+learned values and the widths, on the CPU, at the profile's real canvases (what it takes: README, Tests).
 
 Tokenizers are the project's tiny ones (pipeline/models/tokenizers.py) in the real files' formats; T5's
 `spiece.model` is left out (the fast tokenizer reads tokenizer.json; writing a SentencePiece model needs
@@ -39,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, Dinov2Model, T5EncoderModel
 
 from pipeline.demo import tiny_models as tiny
 from pipeline.models import hub, realsize
@@ -51,7 +47,7 @@ DECOY = b"decoy: the real repository has this file; the model stage must not dow
 # The fields that set a component's width, taken from tiny_models' configs; every other field of a config
 # (depth, block types, activations, norms, sizes, factors) stays the released one.
 VAE_WIDTHS = ("block_out_channels", "norm_num_groups")  # real (128, 256, 512, 512), 32 groups
-# layers_per_block stays the real 2 (tiny_models: 1): 2.0 s instead of 1.3 s per timestep of 8 at 768 px on 2 cores.
+# layers_per_block stays the real 2 (tiny_models: 1): the real depth, at the cost of a slower U-Net forward.
 UNET_WIDTHS = ("block_out_channels", "attention_head_dim", "norm_num_groups")
 CLIP_TEXT_WIDTHS = ("hidden_size", "intermediate_size", "num_attention_heads", "projection_dim")
 T5_WIDTHS = ("d_kv", "d_ff", "num_heads")  # d_model is the joint attention width of its denoiser
@@ -186,6 +182,21 @@ def _t5(real: dict, tok, d_model: int) -> dict:
     return _narrowed(real, tiny.FLUX_TEXT_ENCODER_2_CONFIG, T5_WIDTHS, d_model=d_model, **ids)
 
 
+def _clip_text_encoder(cls, out: Path, folder: str, name: str, pad: str, tiny_config: dict, seed: int,
+                       dtype: torch.dtype) -> dict:
+    """A pipeline repository's tokenizer<name>/ and text_encoder<name>/: the CLIP tokenizer, and a `cls` text
+    encoder of the released config with narrowed widths. Returns that config."""
+    tok = _clip_tokenizer(out / f"tokenizer{name}", pad)
+    text = _clip_text(_real(folder, f"text_encoder{name}/config.json"), tok, tiny_config)
+    _transformers(cls, text, out / f"text_encoder{name}", _seed(seed, f"text_encoder{name}"), dtype)
+    return text
+
+
+def _vae(out: Path, folder: str, tiny_config: dict, seed: int, dtype: torch.dtype) -> None:
+    vae = _narrowed(_real(folder, "vae/config.json"), tiny_config, VAE_WIDTHS)
+    _diffusers(AutoencoderKL, vae, out / "vae", _seed(seed, "vae"), dtype)
+
+
 def _index_and_schedulers(folder: str, out: Path) -> None:
     """model_index.json and the scheduler's config: the released files, byte for byte."""
     shutil.copyfile(realsize.CONFIGS / folder / "model_index.json", out / "model_index.json")
@@ -204,19 +215,14 @@ def _readme(out: Path, model: realsize.RealModel) -> None:
 # ---- repositories ---------------------------------------------------------------------------------
 
 def _sd2(out: Path, seed: int, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     folder = "sd2-1"
     _index_and_schedulers(folder, out)
-    tok = _clip_tokenizer(out / "tokenizer", tiny.SD2_TOKENIZER_PAD)
-    text = _clip_text(_real(folder, "text_encoder/config.json"), tok, tiny.SD2_TEXT_ENCODER_CONFIG)
-    _transformers(CLIPTextModel, text, out / "text_encoder", _seed(seed, "text_encoder"), dtype)
+    text = _clip_text_encoder(CLIPTextModel, out, folder, "", tiny.SD2_TOKENIZER_PAD, tiny.SD2_TEXT_ENCODER_CONFIG,
+                              seed, dtype)
     unet = _narrowed(_real(folder, "unet/config.json"), tiny.SD2_UNET_CONFIG, UNET_WIDTHS,
                      cross_attention_dim=text["hidden_size"])
     _diffusers(UNet2DConditionModel, unet, out / "unet", _seed(seed, "unet"), dtype)
-    vae = _narrowed(_real(folder, "vae/config.json"), tiny.SD2_VAE_CONFIG, VAE_WIDTHS)
-    _diffusers(AutoencoderKL, vae, out / "vae", _seed(seed, "vae"), dtype)
+    _vae(out, folder, tiny.SD2_VAE_CONFIG, seed, dtype)
     _write_json(out / "feature_extractor" / "preprocessor_config.json", CLIP_PREPROCESSOR)
     _decoys(out, ["v2-1_768-ema-pruned.safetensors", "v2-1_768-ema-pruned.ckpt", "v2-1_768-nonema-pruned.safetensors",
                   "v2-1_768-nonema-pruned.ckpt", "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model.bin",
@@ -226,37 +232,26 @@ def _sd2(out: Path, seed: int, dtype: torch.dtype) -> None:
 
 
 def _sd3(out: Path, seed: int, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
-
     folder = "sd3-medium"
     _index_and_schedulers(folder, out)
     for name, pad, tiny_config in (("", tiny.SD3_TOKENIZER_PAD, tiny.SD3_TEXT_ENCODER_CONFIG),
                                    ("_2", tiny.SD3_TOKENIZER_2_PAD, tiny.SD3_TEXT_ENCODER_2_CONFIG)):
-        tok = _clip_tokenizer(out / f"tokenizer{name}", pad)
-        text = _clip_text(_real(folder, f"text_encoder{name}/config.json"), tok, tiny_config)
-        _transformers(CLIPTextModelWithProjection, text, out / f"text_encoder{name}",
-                      _seed(seed, f"text_encoder{name}"), dtype)
+        _clip_text_encoder(CLIPTextModelWithProjection, out, folder, name, pad, tiny_config, seed, dtype)
     t5 = _t5(_real(folder, "text_encoder_3/config.json"), _t5_tokenizer(out / "tokenizer_3"), SD3_JOINT_WIDTH)
     _transformers(T5EncoderModel, t5, out / "text_encoder_3", _seed(seed, "text_encoder_3"), dtype,
                   SHARDS[folder, "text_encoder_3"])
     transformer = _narrowed(_real(folder, "transformer/config.json"), tiny.SD3_TRANSFORMER_CONFIG, SD3_WIDTHS,
                             joint_attention_dim=SD3_JOINT_WIDTH)
     _diffusers(SD3Transformer2DModel, transformer, out / "transformer", _seed(seed, "transformer"), dtype)
-    vae = _narrowed(_real(folder, "vae/config.json"), tiny.SD3_VAE_CONFIG, VAE_WIDTHS)
-    _diffusers(AutoencoderKL, vae, out / "vae", _seed(seed, "vae"), dtype)
+    _vae(out, folder, tiny.SD3_VAE_CONFIG, seed, dtype)
     _decoys(out, ["sd3_medium.safetensors"])
 
 
 def _flux(out: Path, seed: int, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
-
     folder = "flux-dev"
     _index_and_schedulers(folder, out)
-    tok = _clip_tokenizer(out / "tokenizer", tiny.FLUX_TOKENIZER_PAD)
-    text = _clip_text(_real(folder, "text_encoder/config.json"), tok, tiny.FLUX_TEXT_ENCODER_CONFIG)
-    _transformers(CLIPTextModel, text, out / "text_encoder", _seed(seed, "text_encoder"), dtype)
+    text = _clip_text_encoder(CLIPTextModel, out, folder, "", tiny.FLUX_TOKENIZER_PAD, tiny.FLUX_TEXT_ENCODER_CONFIG,
+                              seed, dtype)
     t5 = _t5(_real(folder, "text_encoder_2/config.json"), _t5_tokenizer(out / "tokenizer_2"),
              tiny.FLUX_TEXT_ENCODER_2_CONFIG["d_model"])
     _transformers(T5EncoderModel, t5, out / "text_encoder_2", _seed(seed, "text_encoder_2"), dtype,
@@ -265,14 +260,11 @@ def _flux(out: Path, seed: int, dtype: torch.dtype) -> None:
                             joint_attention_dim=t5["d_model"], pooled_projection_dim=text["hidden_size"])
     _diffusers(FluxTransformer2DModel, transformer, out / "transformer", _seed(seed, "transformer"), dtype,
                SHARDS[folder, "transformer"])
-    vae = _narrowed(_real(folder, "vae/config.json"), tiny.FLUX_VAE_CONFIG, VAE_WIDTHS)
-    _diffusers(AutoencoderKL, vae, out / "vae", _seed(seed, "vae"), dtype)
+    _vae(out, folder, tiny.FLUX_VAE_CONFIG, seed, dtype)
     _decoys(out, ["flux1-dev.safetensors", "ae.safetensors"])
 
 
 def _dinov2(out: Path, seed: int, dtype: torch.dtype) -> None:
-    from transformers import Dinov2Model
-
     config = _narrowed(_real("dinov2-base"), tiny.TINY_DINOV2_CONFIG, VIT_WIDTHS)
     _transformers(Dinov2Model, config, out, _seed(seed, "dinov2"), dtype)
     _write_json(out / "preprocessor_config.json", DINOV2_PREPROCESSOR)
@@ -282,8 +274,6 @@ def _dinov2(out: Path, seed: int, dtype: torch.dtype) -> None:
 def _clip(out: Path, seed: int, dtype: torch.dtype) -> None:
     """The full CLIPModel (text and vision towers), as laion's repository holds it; the vit backbone loads
     its CLIPVisionModel from it."""
-    from transformers import CLIPModel
-
     real = _real("clip-vit-h-14")
     tok = make_tiny_clip_tokenizer(pad_token=tiny.SD2_TOKENIZER_PAD)  # OpenCLIP's tokenizer pads with "!"
     text = _clip_text(real["text_config"], tok, {**tiny.SD2_TEXT_ENCODER_CONFIG,  # the same OpenCLIP-H text tower

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       SD3Transformer2DModel, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel,
+                          Dinov2Config, Dinov2Model, T5Config, T5EncoderModel)
 
 from pipeline.models.tokenizers import (TOKENIZER_MAX_LENGTH, make_tiny_clip_tokenizer,
                                         make_tiny_t5_tokenizer, write_clip_vocab)
@@ -288,8 +292,7 @@ def make_tiny_sd2(out_dir: str | Path, seed: int = 0, unet_overrides: dict | Non
     """Write a random-initialised, SD2.1-shaped ``StableDiffusionPipeline`` to ``out_dir``.
 
     ``unet_overrides`` widens or deepens the U-Net (benchmarks use a mid-size one)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline  # a pipeline: importing one warns (transformers, no torchvision)
 
     tok = make_tiny_clip_tokenizer(pad_token=SD2_TOKENIZER_PAD)
     return _save_pipeline(StableDiffusionPipeline, out_dir, {
@@ -309,13 +312,7 @@ def make_tiny_sd3(out_dir: str | Path, seed: int = 0, transformer_overrides: dic
 
     Load it with ``StableDiffusion3Pipeline.from_pretrained(out_dir, **SD3_NO_T5_LOAD_KWARGS)``.
     """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from diffusers import StableDiffusion3Pipeline  # a pipeline: importing one warns (transformers, no torchvision)
 
     tok = make_tiny_clip_tokenizer(pad_token=SD3_TOKENIZER_PAD)
     tok_2 = make_tiny_clip_tokenizer(pad_token=SD3_TOKENIZER_2_PAD)
@@ -343,8 +340,7 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, transformer_overrides: di
     transformer (e.g. ``num_single_layers=10`` to have DiTF's ``single_transformer_blocks.9``).
     Load it with ``FluxPipeline.from_pretrained(out_dir)``.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxPipeline  # a pipeline: importing one warns (transformers, no torchvision)
 
     tok = make_tiny_clip_tokenizer(pad_token=FLUX_TOKENIZER_PAD)
     tok_2 = make_tiny_t5_tokenizer()
@@ -380,8 +376,6 @@ TINY_CLIP_VISION_CONFIG: dict[str, Any] = {"hidden_size": 32, "intermediate_size
 
 def make_tiny_dinov2(out_dir: str | Path, seed: int = 0) -> Path:
     """A random-initialised ``Dinov2Model`` folder (patch 14, CLS token first, then patch tokens)."""
-    from transformers import Dinov2Config, Dinov2Model
-
     model = _build(lambda: Dinov2Model(Dinov2Config(**TINY_DINOV2_CONFIG)), seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
@@ -389,8 +383,6 @@ def make_tiny_dinov2(out_dir: str | Path, seed: int = 0) -> Path:
 
 def make_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
     """A random-initialised ``CLIPVisionModel`` folder (patch 14, CLS token first, then patch tokens)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     model = _build(lambda: CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION_CONFIG)), seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

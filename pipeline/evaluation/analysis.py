@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from pipeline.data.predictions import read_predictions, variant_columns
 from pipeline.errors import PipelineError
-from pipeline.evaluation.metrics import THRESHOLDS, read_predictions, variant_columns, verdicts
+from pipeline.evaluation.metrics import THRESHOLDS, verdicts
 
 POINT_COORDS = ["pair", "category", "keypoint", "src_image", "trg_image", "trg_x", "trg_y", "threshold"]
 

@@ -15,17 +15,15 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from pipeline.cache import store  # noqa: E402
-from pipeline.data.images import read_rgb  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.cache.maps import StoreMaps, Variant  # noqa: E402
-from pipeline.evaluation.metrics import HEADLINE_ALPHA  # noqa: E402
+from pipeline.cache.store import FeatureStore
+from pipeline.data.images import read_rgb
+from pipeline.errors import PipelineError
+from pipeline.evaluation.metrics import HEADLINE_ALPHA
+from pipeline.matching.maps import StoreMaps, Variant
 
 
 def _image(root: Path, images: pd.DataFrame, key: str) -> np.ndarray:
@@ -43,11 +41,11 @@ def _pair(pairs: pd.DataFrame, name: str | None) -> pd.Series:
     return found.iloc[0]
 
 
-def _save(fig, out: str | Path) -> Path:
+def _save(fig: Figure, out: str | Path) -> Path:
+    """Write a figure (files only: a Figure of its own, no pyplot, no backend; savefig draws it with Agg)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -57,7 +55,7 @@ def normalised(scores: np.ndarray) -> np.ndarray:
 
 
 HEATMAP_COLUMNS = 5  # panels per row
-VIRIDIS = (plt.get_cmap("viridis")(np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3) RGB
+VIRIDIS = (matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3) RGB
 
 
 def similarity_map(maps: StoreMaps, variant: Variant, pair: pd.Series, keypoint: int) -> np.ndarray:
@@ -80,7 +78,8 @@ def heatmaps(variants: list[Variant], pairs: pd.DataFrame, images: pd.DataFrame,
     panels = len(variants) + 1
     columns = min(panels, HEATMAP_COLUMNS)
     rows = -(-panels // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * columns, 3.4 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel()[panels:]:
         ax.remove()
     axes = axes.ravel()[:panels]
@@ -109,7 +108,8 @@ def heatmaps(variants: list[Variant], pairs: pd.DataFrame, images: pd.DataFrame,
 def similarity_histograms(variants: list[Variant], pairs: pd.DataFrame, out: str | Path, max_pairs: int = 8) -> Path:
     """Distribution of cosine values over target pixels per backbone (the study's Figure 5)."""
     chosen = pairs[pairs["src_image"] != pairs["trg_image"]].head(max_pairs)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     for variant in variants:
         maps = StoreMaps(variant.store)
         values = [similarity_map(maps, variant, pair, k).ravel()[::7]
@@ -126,22 +126,23 @@ def similarity_histograms(variants: list[Variant], pairs: pd.DataFrame, out: str
 def resource_table(store_paths: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in store_paths:
-        root = store.open_existing(path)
-        images = store.read_images(root)
+        found = FeatureStore.open(path)
+        attrs, images = found.attrs, found.images()
         done = images[images["done"]]
-        rows.append({"backbone": root.attrs.get("name"), "model": root.attrs.get("model"),
-                     "device": root.attrs.get("device"), "images": f"{len(done)}/{len(images)}",
+        rows.append({"backbone": attrs.get("name"), "model": attrs.get("model"),
+                     "device": attrs.get("device"), "images": f"{len(done)}/{len(images)}",
                      "seconds/image (median)": round(float(done["seconds"].median()), 4) if len(done) else None,
                      "peak memory (MiB)": round(float(done["peak_memory"].max()) / 2**20) if len(done) else None,
-                     "store (MiB)": round(store.size_on_disk(path) / 2**20, 2)})
+                     "store (MiB)": round(found.size_on_disk() / 2**20, 2)})
     return pd.DataFrame(rows)
 
 
 def curve_figure(curve: pd.DataFrame, x: str, out: str | Path, xlabel: str, title: str) -> Path:
     """One line per series (a backbone, with what is held fixed along it), the legend outside the axes; a
     series of one point (a VAE's latent, a ViT at t=0 on the timestep axis) is a dashed level across."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    fig = Figure(figsize=(7.5, 3.8))
+    ax = fig.subplots()
+    colours = iter(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     for series, rows in curve.groupby("series", sort=True):
         if len(rows) == 1:
             ax.axhline(float(rows["pck"].iloc[0]), linestyle="--", linewidth=1.2, color=next(colours), label=series)

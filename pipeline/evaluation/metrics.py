@@ -15,10 +15,8 @@ this rule (pair_scores and pipeline.evaluation.analysis use it).
 keypoints over all keypoints. Both are reported pooled over all pairs, per category, and as the mean of
 the per-category values.
 
-A predictions table has one row per (pair, keypoint, feature variant). Columns named in
-`PREDICTION_COLUMNS` describe the keypoint; columns starting with `sim_` are similarity statistics;
-every other column (backbone, layer, timestep, protocol, ...) names a feature variant, and PCK is
-computed separately for each combination of their values and each threshold family scored.
+The predictions table scored here (its columns, its variant columns, its coverage) is described in
+pipeline.data.predictions; PCK is computed separately for each feature variant and each threshold family scored.
 """
 
 from __future__ import annotations
@@ -29,20 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import torch
 
+from pipeline.data.predictions import COVERAGE_KEY, REQUIRED_COLUMNS, read_coverage, variant_columns
 from pipeline.errors import PipelineError
 
 ALPHAS = (0.01, 0.05, 0.1, 0.15)
 HEADLINE_ALPHA = 0.1
-PREDICTION_COLUMNS = (
-    "split", "pair", "pair_id", "category", "src_image", "trg_image", "keypoint",
-    "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "threshold", "image_size", "distance", "dropped_channels",
-    "canvas_scale", "canvas_x0", "canvas_y0",
-)
-REQUIRED_COLUMNS = ("pair", "category", "trg_x", "trg_y", "pred_x", "pred_y", "threshold")
-# A predictions table's record of what it covers (parquet metadata, or DataFrame.attrs):
-# {"pairs": {category: pairs of the split}, "skipped": [[pair, category, reason], ...]}.
-COVERAGE_KEY = "dift_cache.coverage"
 BEST_DIR = "metrics/best"  # each backbone's best variant, one JSON file each (the `evaluate` stage)
 THRESHOLDS = {"bbox": "threshold", "img": "image_size"}  # threshold family: the column of sizes it scales
 STRICT_PROTOCOLS = ("geoaware", "sd-dino")  # count distance < alpha x size (on their canvas where a row has one); the others <=
@@ -53,16 +44,6 @@ STRICT_PROTOCOLS = ("geoaware", "sd-dino")  # count distance < alpha x size (on 
 HEADLINE = {"protocol": "dift", "threshold_by": "bbox", "kind": "per_image", "alpha": HEADLINE_ALPHA, "category": "all"}
 MEASURE_COLUMNS = ("kind", "category", "alpha", "pck", "pairs", "split_pairs", "points")  # of a pck_table row
 FLAGS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")  # SPair's per-pair difficulty flags
-
-
-def bbox_threshold(bndbox) -> float:
-    """DIFT's PCK normaliser: the longer side of the target box, no +1."""
-    x1, y1, x2, y2 = bndbox
-    return float(max(x2 - x1, y2 - y1))
-
-
-def variant_columns(predictions: pd.DataFrame) -> list[str]:
-    return [c for c in predictions.columns if c not in PREDICTION_COLUMNS and not c.startswith("sim_")]
 
 
 def verdicts(columns, alphas=ALPHAS, family: str = "bbox") -> np.ndarray:
@@ -85,14 +66,13 @@ def verdicts(columns, alphas=ALPHAS, family: str = "bbox") -> np.ndarray:
     scale = get("canvas_scale") if "canvas_scale" in columns else np.full(n, np.nan)
     on_canvas = strict & np.isfinite(scale)
     if on_canvas.any():
-        import torch  # their distance is torch's float32 norm; numpy rounds differently in the last bit
-
         s = scale[on_canvas]
         offset = np.stack([get("canvas_x0"), get("canvas_y0")], 1)[on_canvas]
         truth = trg[on_canvas].astype(np.float32) * s.astype(np.float32)[:, None] + offset.astype(np.float32)
         # The prediction was a float32 canvas point mapped to image pixels in float64: back exactly.
         guess = (pred[on_canvas] * s[:, None] + offset).astype(np.float32)
         difference = (truth - guess)[:, ::-1].copy()  # (y, x), as they compare [:, [1, 0]]
+        # Their distance is torch's float32 norm; numpy rounds differently in the last bit.
         error = torch.linalg.vector_norm(torch.from_numpy(difference), dim=-1).numpy()  # float32
         alpha32 = np.asarray(alphas, dtype=np.float32)[:, None]
         if family == "img":  # alpha x ANNO_SIZE, a float32 tensor
@@ -137,13 +117,6 @@ def pck_table(predictions: pd.DataFrame, alphas=ALPHAS, thresholds=("bbox",)) ->
         raise PipelineError(None, "predictions", "no rows")
     scores = pair_scores(predictions, alphas, thresholds)
     return with_coverage(pck_from_scores(scores), [_split_pairs(scores, predictions.attrs.get(COVERAGE_KEY))])
-
-
-def read_coverage(path: str | Path) -> dict | None:
-    """The coverage a predictions table records (None for a table written without it)."""
-    metadata = pq.read_schema(path).metadata or {}
-    raw = metadata.get(COVERAGE_KEY.encode())
-    return json.loads(raw) if raw else None
 
 
 def _split_pairs(scores: pd.DataFrame, coverage: dict | None) -> pd.DataFrame:
@@ -354,16 +327,6 @@ def write_metrics(table: pd.DataFrame, json_path: str | Path, csv_path: str | Pa
         for backbone, scores in (best if best is not None else best_variants(table)).items():
             (Path(best_dir) / f"{backbone}.json").write_text(json.dumps(scores, indent=2) + "\n")
     return table
-
-
-def read_predictions(paths) -> pd.DataFrame:
-    frames = []
-    for path in paths:
-        try:
-            frames.append(pd.read_parquet(path))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(path, None, f"unreadable predictions table ({exc})") from None
-    return pd.concat(frames, ignore_index=True)
 
 
 def format_headline(table: pd.DataFrame) -> str:

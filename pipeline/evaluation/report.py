@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cache import store
-from pipeline.cache.maps import Variant
+from pipeline.cache.store import FeatureStore
 from pipeline.evaluation import figures, metrics
 from pipeline.evaluation.findings import Findings
+from pipeline.matching.maps import Variant
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def build(findings: Findings, stores: dict[str, str]) -> dict:
 def published_rows(table: pd.DataFrame, best: dict[str, dict], stores: dict[str, str]) -> list[dict]:
     """Each published figure beside, in its setting, the measured variant it names (where the paper fixes the
     layer and timestep) and the best measured variant of a backbone of the same kind."""
-    kinds = {name: store.open_existing(path).attrs.get("backbone") for name, path in stores.items()}
+    kinds = {name: FeatureStore.open(path).attrs.get("backbone") for name, path in stores.items()}
     rows = []
     for paper in PUBLISHED:
         row = {"published": paper.method, "source": paper.source, "protocol": paper.protocol, "kind": paper.measure,

@@ -36,7 +36,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.errors import PipelineError, as_expected
-from pipeline.explorer import MAX_MAPS, MAX_TOP, Explorer, Variant
+from pipeline.explorer.explorer import MAX_MAPS, MAX_TOP, Explorer
+from pipeline.matching.maps import Variant
 
 PAGE = Path(__file__).with_name("page")
 MAX_BODY_BYTES = 64 << 10  # a click of MAX_MAPS variants is ~3 KB
@@ -346,8 +347,8 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
 
 @contextlib.contextmanager
 def _torch_threads(count: int):
-    """A click is many small tensor operations: on one thread they take about half the time (measured on the
-    demo: 58 vs 113 ms for 8 maps on 2 cores), as no thread pool is woken for each."""
+    """A click is many small tensor operations: on one thread they take less time than on several (README,
+    the explorer's speed; benchmarks/explore.py), as no thread pool is woken for each."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -430,7 +431,7 @@ class Background:
 
     def iframe(self, height: int = 900):
         """The page inline in a Jupyter notebook."""
-        from IPython.display import IFrame
+        from IPython.display import IFrame  # IPython: only a notebook has it (not a dependency)
 
         return IFrame(self.url, width="100%", height=height)
 

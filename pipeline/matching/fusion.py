@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.matching.protocols import FeatureMap
 
 

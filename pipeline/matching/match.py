@@ -32,12 +32,11 @@ from tqdm import tqdm
 from pipeline import cluster
 from pipeline.cache import store
 from pipeline.matching import transforms
-from pipeline.config import check_policy
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models.hub import resolve_device
-from pipeline.cache.maps import StoreMaps, selection
-from pipeline.matching.protocols import PROTOCOLS, STATISTICS, canvas_columns, match_queries, prepare_target, source_queries
-from pipeline.evaluation.metrics import COVERAGE_KEY, bbox_threshold
+from pipeline.matching.maps import StoreMaps, selection
+from pipeline.matching.protocols import canvas_columns, match_queries, prepare_target, source_queries
+from pipeline.data.predictions import COVERAGE_KEY, bbox_threshold
 
 TARGETS_PER_ROW_GROUP = 32
 
@@ -49,24 +48,18 @@ class Plan:
     layers: list
     timesteps: list
     protocols: list
-    statistics: str  # none | basic | all (pipeline.matching.protocols.STATISTICS)
+    statistics: str  # none | basic | all (pipeline.config.STATISTICS)
     device: str
     transform_specs: list
     targets: list  # target image keys, sorted: the order of the predictions table
     skipped: list  # (pair, message) left out under on_error: skip
-    coverage: dict  # the split's pairs per category, and the skipped ones with their reason (metrics.COVERAGE_KEY)
+    coverage: dict  # the split's pairs per category, and the skipped ones with their reason (pipeline.data.predictions.COVERAGE_KEY)
 
 
 def plan(maps, pairs: pd.DataFrame, layers=None, timesteps=None, protocols=("dift",), statistics: str = "basic",
          device: str = "cpu", transform_specs=("raw",), on_error: str = "fail") -> tuple[Plan, pd.DataFrame]:
     """Check the request against the store before any work; the plan and the pairs to match."""
-    check_policy(on_error)
     protocols = [protocols] if isinstance(protocols, str) else list(protocols)
-    for protocol in protocols:
-        if protocol not in PROTOCOLS:
-            raise PipelineError(None, "protocol", f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    if statistics not in STATISTICS:
-        raise PipelineError(None, "statistics", f"unknown statistics {statistics!r}; expected one of {STATISTICS}")
     resolve_device(device)  # refuse cuda without a GPU before any work
     layers = selection(layers, maps.layers, "layer", maps.path)
     timesteps = selection([int(t) for t in timesteps or []], maps.timesteps, "timestep", maps.path)
@@ -184,7 +177,7 @@ def _run(maps, request: Plan, pairs: pd.DataFrame, targets: list, client=None, i
                 yield target, _match_target(maps, request, groups[target])
                 bar.update()
             return
-        from distributed import as_completed
+        from distributed import as_completed  # distributed: seconds to import; only a dask client needs it
 
         batches = cluster.shards(targets, cluster.workers_of(client))
         remote_maps = client.scatter(maps, broadcast=True)

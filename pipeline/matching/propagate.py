@@ -128,7 +128,7 @@ def propagate(maps, layer: str, timestep: int, src_key: str, trg_key: str, src_i
               mutual: bool = True, reprojection: float = 0.02, context: float = 1 / 3):
     """Propagate an RGBA `edit` (source image coordinates, alpha > 0 = the edit) onto the target image.
 
-    `maps` is a `pipeline.cache.maps.StoreMaps`; `layer`/`timestep` choose the feature map. Returns
+    `maps` is a `pipeline.matching.maps.StoreMaps`; `layer`/`timestep` choose the feature map. Returns
     (composite (H_trg, W_trg, 3) uint8, source->target 3x3 homography, info dict)."""
     where = f"{maps.path}: {src_key} -> {trg_key}"
     maps.check_variant(layer, timestep)

@@ -226,11 +226,9 @@ def similarity_stats(scores: np.ndarray, best: np.ndarray) -> dict[str, np.ndarr
             "sim_peak_ratio": second / np.where(np.abs(peak) > 1e-12, peak, 1e-12)}
 
 
-PROTOCOLS = ("dift", "geoaware", "sd-dino")
 GRID_PROTOCOLS = ("geoaware", "sd-dino")  # hard argmax over the patch grid
-# none: no statistics; basic: sim_max, sim_mean, sim_std, exactly and cheaply from cell-level sums;
-# all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only; about doubles the time).
-STATISTICS = ("none", "basic", "all")
+# STATISTICS: none: no statistics; basic: sim_max, sim_mean, sim_std, exactly and cheaply from cell-level sums;
+# all: also sim_entropy and sim_peak_ratio over the full upsampled map (dift only).
 QUERY_BATCH = 2048
 FIRST_QUADS = 16  # quads evaluated before the bound is checked; most queries need no more
 EVALUATED_PIXELS = 1 << 22  # pixel values held at once when a query needs many quads  # queries scored together; bounds memory at ~QUERY_BATCH x cells x 4 bytes

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.cache.maps import StoreMaps
+from pipeline.matching.maps import StoreMaps
 from pipeline.config import user_cache
 from pipeline.errors import PipelineError
 from pipeline.matching.protocols import canvas_frame, cell_points, geoaware_cells

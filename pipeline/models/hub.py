@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import huggingface_hub.utils.logging
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import GatedRepoError
 
 from pipeline.errors import PipelineError
 
@@ -31,9 +35,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def quiet() -> None:
     """Our progress bars report progress; the libraries' loading bars, advice and retry warnings are noise
     here (a failure is reported once, in one line)."""
-    import diffusers.utils.logging
-    import huggingface_hub.utils.logging
-    import transformers.utils.logging
+    import diffusers.utils.logging  # seconds to import, and matching imports this module (resolve_device)
+    import transformers.utils.logging  # likewise
 
     for logging in (diffusers.utils.logging, transformers.utils.logging):
         logging.set_verbosity_error()
@@ -57,13 +60,9 @@ def from_pretrained(cls, model: str, subfolder: str | None = None, revision: str
 
 def load_config(model: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict:
     """A JSON config file of a hub repository or local folder (`model_index.json`, `unet/config.json`)."""
-    import json
-
     path = Path(model) / (subfolder or "") / filename
     try:
         if not Path(model).exists():
-            from huggingface_hub import hf_hub_download
-
             path = hf_hub_download(model, filename, subfolder=subfolder, revision=revision, local_files_only=offline())
         return json.loads(Path(path).read_text())
     except Exception as exc:  # noqa: BLE001
@@ -91,8 +90,6 @@ def _load_error(exc: Exception, model: str, what: str) -> PipelineError:
 
 
 def is_gated(exc: BaseException) -> bool:
-    from huggingface_hub.errors import GatedRepoError
-
     while exc is not None:
         if isinstance(exc, GatedRepoError):
             return True

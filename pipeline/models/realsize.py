@@ -10,13 +10,18 @@ not bundled): prompts tokenise differently, padded to the real lengths.
 
 from __future__ import annotations
 
+import gc
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import CLIPVisionModel, Dinov2Model
 
 from pipeline.errors import PipelineError
+from pipeline.models import tokenizers
+from pipeline.models.backbones.parts import Parts, is_config_only
 
 CONFIGS = Path(__file__).parent / "real_configs"
 REALSIZE = "realsize:"
@@ -65,9 +70,6 @@ def make_realsize(name: str, out: str | Path, seed: int = 0) -> Path:
     """Write a complete pipeline folder of the real architecture `name` (a folder of real_configs) with
     seeded random weights, saved in float16. Components too large for this machine (T5-XXL) are left
     out and marked absent in model_index.json, as a user dropping them would."""
-    from pipeline.models import tokenizers
-    from pipeline.models.backbones import ConfigParts
-
     if name in META_ONLY:
         raise PipelineError("params.yaml", "models", f"realsize:{name} cannot be built with weights here: "
                             f"{META_ONLY[name]}; it is proven on the meta device only")
@@ -77,8 +79,6 @@ def make_realsize(name: str, out: str | Path, seed: int = 0) -> Path:
     parts = ConfigParts(configs, device="cpu", dtype=torch.float16, seed=seed)
     index = parts.index()
     if not index:  # a single transformers model (DINOv2, CLIP's vision tower)
-        from transformers import CLIPVisionModel, Dinov2Model
-
         cls = Dinov2Model if parts.config().get("model_type") == "dinov2" else CLIPVisionModel
         parts.load(cls).save_pretrained(out, safe_serialization=True)
         return out
@@ -98,3 +98,49 @@ def make_realsize(name: str, out: str | Path, seed: int = 0) -> Path:
         del part
     (out / "model_index.json").write_text(json.dumps(written, indent=2) + "\n")
     return out
+
+
+class ConfigParts(Parts):
+    """The same components built from their config files alone (a folder laid out like the hub
+    repository, e.g. `pipeline/models/real_configs/sd3-medium`): on the meta device, the real architecture's
+    shapes and module paths with no weights and no memory (`plan`, the real-size tests); or on the CPU
+    with seeded random weights (pipeline/models/realsize.py). Tokenizers are the project's tiny ones of the same
+    family: config files carry no vocabulary, and only the padded length of the token ids matters here."""
+
+    def __init__(self, configs: str | Path, device: str = "meta", dtype: torch.dtype = torch.float16, seed: int = 0):
+        super().__init__(str(configs), torch.device(device), dtype)
+        self.seed = seed
+
+    def index(self) -> dict:
+        if self._index is None:
+            path = Path(self.model) / "model_index.json"
+            self._index = json.loads(path.read_text()) if path.exists() else {}
+        return self._index
+
+    def load(self, cls, subfolder: str | None = None, denoiser: bool = False):
+        if cls.__name__.startswith("CLIPTokenizer"):
+            return tokenizers.make_tiny_clip_tokenizer()
+        if cls.__name__.startswith("T5Tokenizer"):
+            return tokenizers.make_tiny_t5_tokenizer()
+        config = self.config(subfolder)
+        if is_config_only(cls):
+            return cls.from_config(config)
+        with torch.random.fork_rng(devices=[]), torch.device(self.device):
+            torch.manual_seed(self.seed + zlib.crc32((subfolder or "").encode()))  # independent of load order
+            if hasattr(cls, "config_class"):  # transformers; a full CLIPConfig narrows to its vision tower
+                if config.get("model_type") != cls.config_class.model_type and "vision_config" in config:
+                    config = config["vision_config"]
+                model = cls(cls.config_class(**config))
+            else:  # diffusers
+                model = cls.from_config(config)
+        return model.to(self.dtype).eval().requires_grad_(False)
+
+    def config(self, subfolder: str | None = None) -> dict:
+        folder = Path(self.model) / (subfolder or "")
+        for file in ("config.json", "scheduler_config.json"):
+            if (folder / file).exists():
+                return json.loads((folder / file).read_text())
+        raise PipelineError(folder, None, "no config.json")
+
+    def release(self) -> None:
+        gc.collect()

@@ -10,6 +10,10 @@ import string
 import tempfile
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import CLIPTokenizer, T5TokenizerFast
+
 # The pipelines pad or truncate prompts to these lengths, as the real tokenizers do.
 TOKENIZER_MAX_LENGTH = 77
 FLUX_T5_MAX_LENGTH = 512
@@ -69,8 +73,6 @@ def write_clip_vocab(directory: Path) -> None:
 
 def make_tiny_clip_tokenizer(pad_token: str = _EOS):
     """A valid CLIPTokenizer over the tiny byte-level BPE vocabulary (vocab.json + merges.txt)."""
-    from transformers import CLIPTokenizer
-
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
         write_clip_vocab(Path(tmp))
         tok = CLIPTokenizer.from_pretrained(
@@ -97,10 +99,6 @@ _SPM_SPACE = "\u2581"  # "▁": SentencePiece's word-start mark
 def make_tiny_t5_tokenizer():
     """A T5TokenizerFast with T5's structure (Unigram over SentencePiece-style pieces, Metaspace
     pre-tokenizer, "</s>" appended) over a tiny vocabulary: <pad>=0, </s>=1, <unk>=2 as in T5."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
-
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_SPM_SPACE, -2.0)]
     vocab += [(_SPM_SPACE + word, -3.0) for word in _T5_WORDS]  # a word beats any spelling of it
     vocab += [(char, -8.0) for char in _T5_CHARS]

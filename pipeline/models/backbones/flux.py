@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.backbones import VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, until_captured
+from pipeline.models.backbones.base import Backbone, adaln_modulation, capture, flow_noised, until_captured
 
 # FluxPipeline's default guidance_scale (FLUX.1-dev); fed to guidance-distilled transformers.
 GUIDANCE = 3.5
@@ -45,8 +45,10 @@ DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 
 
 class Flux(Backbone):
+    kinds = ("flux",)
+
     def encode_prompts(self, prompts):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # its import prints transformers' warnings
 
         names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
         pipe = FluxPipeline(scheduler=None, vae=None, transformer=None,
@@ -62,8 +64,8 @@ class Flux(Backbone):
     def denoiser(self):
         return self.transformer
 
-    def canvas_multiple(self):
-        return VAE_FACTOR * 2  # latents are packed in 2x2 patches
+    def model_config(self):
+        return dict(self.transformer.config)
 
     def available_layers(self):
         return ([f"{DOUBLE}.{i}" for i in range(len(self.transformer.transformer_blocks))]
@@ -73,7 +75,7 @@ class Flux(Backbone):
         return flow_noised(x0, eps, t)
 
     def run(self, x, t, category):
-        from diffusers import FluxPipeline
+        from diffusers import FluxPipeline  # its import prints transformers' warnings
 
         embeds, pooled, text_ids = self.condition(category)
         batch, channels, h, w = x.shape

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.backbones import VAE_FACTOR, Backbone, capture, until_captured
+from pipeline.models.backbones.base import Backbone, capture, until_captured
 
 
 class SD2(Backbone):
+    kinds = ("sd2",)
+
     def encode_prompts(self, prompts):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline  # its import prints transformers' warnings
 
         pipe = StableDiffusionPipeline(
             vae=None, text_encoder=self.parts.component("text_encoder"), tokenizer=self.parts.component("tokenizer"),
@@ -28,9 +30,8 @@ class SD2(Backbone):
     def denoiser(self):
         return self.unet
 
-    def canvas_multiple(self):
-        # The U-Net halves the latent once per down block but the last.
-        return VAE_FACTOR * 2 ** (len(self.unet.config.block_out_channels) - 1)
+    def model_config(self):
+        return dict(self.unet.config)
 
     def available_layers(self) -> list[str]:
         unet = self.unet

@@ -19,13 +19,15 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.models.backbones import (VAE_FACTOR, Backbone, adaln_modulation, capture, flow_noised, linear_on,
-                                until_captured)
+from pipeline.models.backbones.base import (Backbone, adaln_modulation, capture, flow_noised, linear_on,
+                                        until_captured)
 
 
 class SD3(Backbone):
+    kinds = ("sd3",)
+
     def encode_prompts(self, prompts):
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import StableDiffusion3Pipeline  # its import prints transformers' warnings
 
         names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
         names += ["text_encoder_3", "tokenizer_3"] if self.params.t5 else []
@@ -49,8 +51,8 @@ class SD3(Backbone):
     def denoiser(self):
         return self.transformer
 
-    def canvas_multiple(self):
-        return VAE_FACTOR * self.patch
+    def model_config(self):
+        return dict(self.transformer.config)
 
     def available_layers(self):
         return [f"transformer_blocks.{i}" for i in range(len(self.transformer.transformer_blocks))]

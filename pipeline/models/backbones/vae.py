@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.backbones import VAE_FACTOR, Backbone, flow_noised
+from pipeline.models.backbones.base import Backbone, flow_noised
 from pipeline.errors import PipelineError
 
 
 class VAELatent(Backbone):
+    kinds = ("vae-sd2", "vae-sd3")
+
     def __init__(self, params, latents_attrs, parts, categories=()):
         if latents_attrs.get("model") != params.model:
             raise PipelineError("params.yaml", "model", f"{params.kind} names {params.model!r} but its latents were "
@@ -19,9 +21,6 @@ class VAELatent(Backbone):
     def load_model(self):
         # SD2's latents are noised with its DDIM schedule; SD3's with rectified flow (no scheduler).
         self.scheduler = self.parts.component("scheduler") if self.params.kind == "vae-sd2" and self.params.noise else None
-
-    def canvas_multiple(self):
-        return VAE_FACTOR
 
     def available_layers(self):
         return ["latent"]

@@ -7,8 +7,9 @@ on the (canvas / patch)^2 grid, row-major. No noise and no timestep: the store's
 from __future__ import annotations
 
 import torch
+from transformers import CLIPVisionModel, Dinov2Model
 
-from pipeline.models.backbones import Backbone, capture, until_captured
+from pipeline.models.backbones.base import Backbone, capture, until_captured
 from pipeline.errors import PipelineError
 
 # The official preprocessing constants of each family (ImageNet for DINOv2, OpenAI CLIP's for CLIP).
@@ -19,6 +20,8 @@ NORMALISATION = {
 
 
 class ViT(Backbone):
+    kinds = ("dinov2", "clip")
+
     def __init__(self, params, latents_attrs, parts, categories=()):
         if params.noise:
             raise PipelineError("params.yaml", "noise", f"{params.kind} takes clean images; set noise: false")
@@ -29,16 +32,14 @@ class ViT(Backbone):
         self.prefix = "encoder.layer" if params.kind == "dinov2" else "encoder.layers"
 
     def load_model(self):
-        from transformers import CLIPVisionModel, Dinov2Model
-
         self.model = self.parts.load(Dinov2Model if self.params.kind == "dinov2" else CLIPVisionModel)
         self.patch = self.model.config.patch_size
 
     def denoiser(self):
         return self.model
 
-    def canvas_multiple(self):
-        return self.patch
+    def model_config(self):
+        return self.model.config.to_dict()
 
     def available_layers(self):
         count = self.model.config.num_hidden_layers

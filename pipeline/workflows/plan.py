@@ -5,7 +5,7 @@
   every stored array; times the stored dtype (float16 features, shift and scale; int64 overflow
   counts; float32 latents), or a lossy `storage`'s bytes (pca:K: with all EXACT_CHANNELS exact channels,
   an upper bound). Zarr's compression only lowers them.
-- Downloads: the parameters of the components the stages load (pipeline/models/fetch.py), counted on the
+- Downloads: the parameters of the components the stages load (pipeline/workflows/fetch.py), counted on the
   meta device, times the precision of the repository's weight files.
 - GPU memory: the weights on the device at one time (text encoders, then the denoiser: never both)
   plus an activation estimate: the largest tensor an op produces in the meta forward, times the
@@ -26,21 +26,24 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+from tabulate import tabulate
+from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.cache.sizes import (ACTIVATION_FACTOR, MetaRun, _dtype, _LargestOutput, check_disk, disk_free,  # noqa: F401
-                                  human, latents_bytes_per_image, meta_run, parameters, stored_bytes,
-                                  text_components)
-from pipeline.cache.codecs import STORAGE_CHOICES, check_storage, is_lossy, parse_storage
-from pipeline.models.backbones import OFFLOAD
-from pipeline.config import BackboneParams, EncoderParams, Params
+from pipeline.cache.codecs import STORAGE_CHOICES
+from pipeline.cache.sizes import (ACTIVATION_FACTOR, LargestOutput, disk_free, human, latents_bytes_per_image,
+                                  meta_run, parameters, stored_bytes, torch_dtype)
+from pipeline.config import BackboneParams, EncoderParams, Params, is_lossy, parse_storage
+from pipeline.demo import tiny_models
 from pipeline.errors import PipelineError
+from pipeline.models import hub, realsize
+from pipeline.models.realsize import ConfigParts
+from pipeline.workflows import fetch
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DIFT_SECONDS = 0.203  # DIFT paper: SD2.1, 768 px, up_blocks.1, t=261, ensemble 8, one A6000
-MATCH_SECONDS_PER_PAIR = 0.038  # fallback: the previous `dift`, 1280 x 48 x 48, 2 CPU cores (session 7)
+MATCH_SECONDS_PER_PAIR = 0.038  # fallback without benchmarks/results/match.json: the unbatched `dift`, 1280 x 48 x 48, 2 CPU cores
 SPAIR_TEST_PAIRS_PER_IMAGE = 12234 / 1800  # SPair-71k test: 12,234 pairs over its 1,800 images
-DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 # ---- config files -------------------------------------------------------------------------------
@@ -48,9 +51,6 @@ DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 def model_configs(model: str, params: Params | None = None) -> Path:
     """A folder of config files for `model` (a folder or hub id as backbones name it): the folder itself
     once it exists, else what its `models:` entry will produce."""
-    from pipeline.models import realsize
-    from pipeline.models.fetch import TINY
-
     folder = Path(model)
     if (folder / "model_index.json").exists() or (folder / "config.json").exists():
         return folder
@@ -58,8 +58,8 @@ def model_configs(model: str, params: Params | None = None) -> Path:
     if params is not None and folder.parent == Path("models"):
         if folder.name in params.models:
             source = params.models[folder.name].source
-        if source.startswith(TINY):
-            return _tiny_configs(source[len(TINY):])
+        if source.startswith(fetch.TINY):
+            return _tiny_configs(source[len(fetch.TINY):])
     configs = realsize.configs_for(source)
     if configs is None:
         raise PipelineError(model, None, "no config files known for this model: run its model stage first "
@@ -69,8 +69,6 @@ def model_configs(model: str, params: Params | None = None) -> Path:
 
 def _tiny_configs(source: str) -> Path:
     """A tiny model's folder, built once per machine (it is deterministic) for its config files."""
-    from pipeline.demo import tiny_models
-
     folder = Path(tempfile.gettempdir()) / "dift-cache-plan" / source
     if not (folder / "model_index.json").exists() and not (folder / "config.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -96,21 +94,21 @@ def latents_attrs_for(encoder: EncoderParams, params: Params | None = None) -> d
 
 # ---- rates --------------------------------------------------------------------------------------
 
-def measured_rates(device: str) -> dict[str, float]:
-    """kind -> FLOP/s measured by benchmarks/realsize.py on this device type, if it ran."""
-    path = RESULTS / f"realsize-{device}.json"
-    if not path.exists():
+def measured_rates(device: str, results: Path | None) -> dict[str, float]:
+    """kind -> FLOP/s measured by benchmarks/realsize.py on this device type, if it ran (its figures in `results`)."""
+    path = results / f"realsize-{device}.json" if results else None
+    if path is None or not path.exists():
         return {}
     return {kind: row["flops_per_second"] for kind, row in json.loads(path.read_text())["backbones"].items()}
 
 
-def match_seconds(protocol: str, statistics: str, device: str) -> tuple[float, str]:
+def match_seconds(protocol: str, statistics: str, device: str, results: Path | None) -> tuple[float, str]:
     """Seconds per pair of one matching variant, and where the figure comes from: measured by
     benchmarks/match.py (benchmarks/results/match.json: 1280 x 48 x 48, 10 keypoints a pair) on this device
     type (the CPU: with 2 threads), else on 2 CPU threads (for cuda: an upper bound), else the figure of
     the implementation before batching."""
-    path = RESULTS / "match.json"
-    measured = [r for r in json.loads(path.read_text()) if r["channels"] == 1280] if path.exists() else []
+    path = results / "match.json" if results else None
+    measured = [r for r in json.loads(path.read_text()) if r["channels"] == 1280] if path and path.exists() else []
     kind = "cuda" if device.startswith("cuda") else "cpu"
     fallback = "benchmarks/match.py on 2 CPU threads" + (" (no CUDA figure yet: an upper bound)" if kind == "cuda" else "")
     for wanted, basis in ((kind, f"benchmarks/match.py on {kind}"), ("cpu", fallback)):
@@ -124,8 +122,6 @@ def match_seconds(protocol: str, statistics: str, device: str) -> tuple[float, s
 @functools.cache
 def dift_rate() -> float:
     """FLOP/s that DIFT's published timing implies: SD2.1 to up_blocks.1 at 768 px, ensemble 8."""
-    from pipeline.models import realsize
-
     sd2 = realsize.CONFIGS / "sd2-1"
     params = BackboneParams(kind="sd2", model=str(sd2), latents="-", layers=["up_blocks.1"], timesteps=[261])
     run = meta_run(params, {"canvas": 768, "encoder": "vae", "scaling_factor": 1.0, "latent_channels": 4}, sd2)
@@ -134,13 +130,10 @@ def dift_rate() -> float:
 
 # ---- the plan -----------------------------------------------------------------------------------
 
-def make_plan(params: Params, images: int | None = None) -> dict:
+def make_plan(params: Params, images: int | None = None, results: Path | None = None) -> dict:
     """The plan of `params` for the prepared split, or for `images` images (pairs then estimated at
-    SPair-71k test's ratio: a prepared table may belong to another profile)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.models import hub
-
+    SPair-71k test's ratio: a prepared table may belong to another profile). `results`: the folder of the
+    project's measured rates (benchmarks/results), if any."""
     hub.quiet()  # models built from configs are cast with `.to(dtype)`, which diffusers warns about each time
     if images is None:
         if not Path(params.data.images).exists():
@@ -161,18 +154,16 @@ def make_plan(params: Params, images: int | None = None) -> dict:
         if encoder.kind == "vae":
             memory, flops = vae_cost(encoder, params)
             gpu.append({"stage": f"encode@{name}", "device": encoder.device, "bytes": memory})
-            seconds.append(_seconds(f"encode@{name}", encoder.device, "vae", flops * images))
+            seconds.append(_seconds(f"encode@{name}", encoder.device, "vae", flops * images, results))
     for name, backbone in params.backbones.items():
         encoder = params.encoder(backbone.latents)
         run = meta_run(backbone, latents_attrs_for(encoder, params), model_configs(backbone.model, params))
-        per_image = stored_bytes(run, len(backbone.timesteps), check_storage(backbone.storage, name))
+        per_image = stored_bytes(run, len(backbone.timesteps), backbone.storage)
         stores.append({"name": name, "kind": "features", "storage": backbone.storage, "bytes_per_image": per_image,
                        "images": images, "bytes": per_image * images,
                        "bytes_per_image_by_storage": {choice: stored_bytes(run, len(backbone.timesteps), choice)
                                                       for choice in STORAGE_CHOICES}})
-        width = _dtype(backbone.dtype, "backbones").itemsize
-        if backbone.offload not in OFFLOAD:
-            raise PipelineError("params.yaml", f"backbones.{name}.offload", f"expected one of {list(OFFLOAD)}")
+        width = torch_dtype(backbone.dtype, "backbones").itemsize
         resident = (run.resident_parameters if backbone.offload == "blocks" else run.denoiser_parameters) * width
         denoiser = resident + ACTIVATION_FACTOR * backbone.ensemble * run.largest_activation
         gpu.append({"stage": f"extract@{name}", "device": backbone.device,
@@ -183,10 +174,10 @@ def make_plan(params: Params, images: int | None = None) -> dict:
         runs = images + (min(images, backbone.fit_images) if kind == "pca" else 0) + \
             (min(images, params.fidelity.images) if is_lossy(backbone.storage) else 0)
         seconds.append(_seconds(f"extract@{name}", backbone.device, backbone.kind,
-                                run.flops * backbone.ensemble * len(backbone.timesteps) * runs))
+                                run.flops * backbone.ensemble * len(backbone.timesteps) * runs, results))
     for name, backbone in params.backbones.items():
         variants = len(backbone.layers) * len(backbone.timesteps) * len(params.match.transforms_for(name))
-        rates = [match_seconds(protocol, params.match.statistics, params.match.device) for protocol in params.match.protocols]
+        rates = [match_seconds(protocol, params.match.statistics, params.match.device, results) for protocol in params.match.protocols]
         per_pair = sum(rate for rate, _ in rates)
         seconds.append({"stage": f"match@{name}", "device": params.match.device, "seconds": pairs * variants * per_pair,
                         "basis": f"{pairs} pairs x {variants} variants x {per_pair * 1000:.2f} ms "
@@ -197,23 +188,19 @@ def make_plan(params: Params, images: int | None = None) -> dict:
 
 
 def vae_cost(encoder: EncoderParams, params: Params) -> tuple[int, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.models.backbones import ConfigParts
-
-    parts = ConfigParts(model_configs(encoder.model, params), dtype=_dtype(encoder.dtype, "encoders"))
+    parts = ConfigParts(model_configs(encoder.model, params), dtype=torch_dtype(encoder.dtype, "encoders"))
     vae = parts.load(parts.component_class("vae"), "vae")
-    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest, torch.no_grad():
+    with FlopCounterMode(display=False) as flops, LargestOutput() as largest, torch.no_grad():
         vae.encode(torch.zeros(1, 3, encoder.canvas, encoder.canvas, device="meta", dtype=parts.dtype))
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     return weights + ACTIVATION_FACTOR * largest.bytes, int(flops.get_total_flops())
 
 
-def _seconds(stage: str, device: str, kind: str, flops: float) -> dict:
+def _seconds(stage: str, device: str, kind: str, flops: float, results: Path | None) -> dict:
     if not flops:
         return {"stage": stage, "device": device, "seconds": 0.0, "basis": "no model runs (reads the latents)"}
     device_type = "cuda" if device.startswith("cuda") or device == "auto" else "cpu"
-    measured = measured_rates(device_type).get(kind)
+    measured = measured_rates(device_type, results).get(kind)
     if measured:
         return {"stage": stage, "device": device_type, "seconds": flops / measured,
                 "basis": f"FLOPs at the rate benchmarks/realsize.py measured for {kind} on {device_type}"}
@@ -227,26 +214,21 @@ def _seconds(stage: str, device: str, kind: str, flops: float) -> dict:
 def downloads(params: Params) -> list[dict]:
     """Bytes each `model@` stage fetches: the parameters of the components the stages load, in the
     precision of the repository's weight files."""
-    from pipeline.models import fetch, realsize
-    from pipeline.models.backbones import ConfigParts
-
     rows = []
     for name, model in params.models.items():
-        hub = realsize.REAL_MODELS.get(realsize.MOVED.get(model.source, model.source))
-        if hub is None:  # built here (realsize) or unknown
+        real = realsize.REAL_MODELS.get(realsize.MOVED.get(model.source, model.source))
+        if real is None:  # built here (realsize) or unknown
             rows.append({"model": name, "source": model.source, "bytes": 0})
             continue
-        parts = ConfigParts(realsize.CONFIGS / hub.folder)
+        parts = ConfigParts(realsize.CONFIGS / real.folder)
         needed = fetch.components(params, name)
         count = sum(parameters(parts, component) for component in needed) if needed else parameters(parts, None)
-        rows.append({"model": name, "source": model.source, "revision": model.revision, "gated": hub.gated,
-                     "components": needed, "bytes": count * _dtype(hub.weights_dtype, "models").itemsize})
+        rows.append({"model": name, "source": model.source, "revision": model.revision, "gated": real.gated,
+                     "components": needed, "bytes": count * torch_dtype(real.weights_dtype, "models").itemsize})
     return rows
 
 
 def format_plan(plan: dict) -> str:
-    from tabulate import tabulate
-
     h = human
     lines = [f"{plan['images']} images, {plan['pairs']} pairs", ""]
     lines.append(tabulate([[s["name"], s.get("storage", ""), h(s["bytes_per_image"]), s["images"], h(s["bytes"])]

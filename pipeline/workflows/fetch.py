@@ -16,15 +16,16 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.models import hub, realsize
-from pipeline.config import Params
-from pipeline.errors import PipelineError
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import filter_repo_objects
 
-BACKBONE_COMPONENTS = {
-    "sd2": ["text_encoder", "tokenizer", "unet", "scheduler"],
-    "sd3": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
-    "flux": ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer"],
-}
+from pipeline.config import Params
+from pipeline.demo import tiny_models
+from pipeline.errors import PipelineError
+from pipeline.models import hub, realsize
+from pipeline.models.kinds import KINDS
+
 TINY = "tiny:"  # the demo's tiny random models (pipeline/demo/tiny_models.py)
 MARKER = ".dift-cache-source.json"  # what made the folder: source, revision, seed
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
@@ -38,7 +39,7 @@ def components(params: Params, name: str) -> list[str]:
     for backbone in params.backbones.values():
         if backbone.model != folder:
             continue
-        used |= set(BACKBONE_COMPONENTS.get(backbone.kind, []))
+        used |= set(KINDS[backbone.kind].components)
         if backbone.kind == "sd3" and backbone.t5:
             used |= {"text_encoder_3", "tokenizer_3"}
         if backbone.kind == "vae-sd2" and backbone.noise:
@@ -117,8 +118,6 @@ def materialise(source: str, out: str | Path, seed: int = 0, revision: str | Non
 
 
 def _make_tiny(name: str, out: Path, seed: int) -> None:
-    from pipeline.demo import tiny_models  # the test fixtures: only this stage imports them
-
     if name not in tiny_models.TINY_BUILDERS:
         raise PipelineError("params.yaml", "models", f"unknown tiny model {TINY + name!r}; expected one of "
                                                      f"{[TINY + known for known in sorted(tiny_models.TINY_BUILDERS)]}")
@@ -126,9 +125,6 @@ def _make_tiny(name: str, out: Path, seed: int) -> None:
 
 
 def _fetch(source: str, out: Path, revision: str | None, needed: list[str]) -> None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     patterns = hub_patterns(needed)
     try:  # a Hugging Face cache (HF_HOME) that already holds this revision: no network
         cached = Path(snapshot_download(source, revision=revision, allow_patterns=patterns, local_files_only=True))
@@ -160,8 +156,6 @@ def _fetch(source: str, out: Path, revision: str | None, needed: list[str]) -> N
 def _link_tree(cached: Path, out: Path, patterns: list[str]) -> None:
     """The needed files of the cache's snapshot into `out`: hard links to its blobs where the filesystem
     allows, else copies."""
-    from huggingface_hub.utils import filter_repo_objects
-
     files = [path.relative_to(cached).as_posix() for path in cached.rglob("*") if not path.is_dir()]
     for name in filter_repo_objects(files, allow_patterns=patterns):
         path = cached / name

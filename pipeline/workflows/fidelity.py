@@ -18,7 +18,7 @@ attribute written last (then the reference, no longer needed, is deleted, or on 
 first).
 Only then, if every layer meets `fidelity.min_identical` and `fidelity.max_pck_change` (params.yaml), are
 the other images extracted. The figures record their `sample` and `transforms`, and are measured again
-only when those change. `cli.py info` prints the figures (pipeline/cache/store.py); `cli.py verify`
+only when those change. `cli.py info` prints the figures (pipeline/cache/describe.py); `cli.py verify`
 holds a store to the thresholds (pipeline/cache/verify.py).
 """
 
@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 
-from pipeline.cache import codecs, store
-from pipeline.cache.maps import StoreMaps
+from pipeline.cache import store
+from pipeline.cache.extract import extract, fit_sample
+from pipeline.cache.store import FeatureStore
+from pipeline.cache.verify import fidelity_problems
+from pipeline.config import is_lossy, parse_storage
+from pipeline.errors import PipelineError
+from pipeline.evaluation import metrics
+from pipeline.matching.maps import StoreMaps
+from pipeline.matching.match import match_store
 
 
 def extract_measured(params, name: str, out, replace: str = "never", client=None, on_error: str = "fail",
@@ -45,32 +50,27 @@ def extract_measured(params, name: str, out, replace: str = "never", client=None
     one-line error, before the other images, when a layer is below `fidelity`'s thresholds (params.yaml): a
     store is days of GPU time. Its figures are kept, and measured again only for another sample or other
     transforms; the store resumes either way. Returns the figures of a lossy store, else None."""
-    from pipeline.cache.extract import extract, fit_sample, open_latents
-    from pipeline.cache.verify import fidelity_problems
-
     backbone = params.backbone(name)
     latents_path = params.latents_path(backbone.latents)
     run = {"replace": replace, "client": client, "on_error": on_error, "check_disk": check_disk}
-    if not codecs.is_lossy(backbone.storage):
+    if not is_lossy(backbone.storage):
         extract(backbone, name, latents_path, out, **run)
         return None
     with store.writer_lock(out), store.writing(out):
-        keys = list(store.read_images(open_latents(latents_path))["image"])
+        keys = list(FeatureStore.open_latents(latents_path).keys())
         fit = [keys[i] for i in fit_sample(len(keys), backbone.fit_images, backbone.seed)] \
-            if codecs.parse_storage(backbone.storage)[0] == "pca" else []
+            if parse_storage(backbone.storage)[0] == "pca" else []
         chosen, sample = sample_pairs(pd.read_parquet(params.data.pairs), params.fidelity.images, avoid=fit)
         extract(backbone, name, latents_path, out, first=chosen, **run)
-        attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
+        attrs = FeatureStore.as_written(out).attrs
         specs = params.match.transforms_for(name)
         measured = attrs.get("fidelity", {})
         if measured.get("sample") != chosen or measured.get("transforms") != specs:  # none yet, or another sample
             measure(backbone, name, latents_path, out, sample, chosen, specs)
-            attrs = dict(zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs)
+            attrs = FeatureStore.as_written(out).attrs
         shutil.rmtree(reference_path(out), ignore_errors=True)  # a run killed after recording the figures left it
         problems = fidelity_problems(attrs, params.fidelity.min_identical, params.fidelity.max_pck_change)
         if problems:
-            from pipeline.errors import PipelineError
-
             raise PipelineError(out, "fidelity", "; ".join(f"{layer}: {why}" for layer, why in problems)
                                 + f" (on {len(chosen)} images, before the other {len(keys) - len(chosen)}: choose other "
                                 "storage, or relax fidelity in params.yaml, and run again)")
@@ -100,10 +100,7 @@ def sample_pairs(pairs: pd.DataFrame, count: int, seed: int = 0, avoid=()) -> tu
 def measure(params, name: str, latents_path, out, sample: pd.DataFrame, chosen: list[str], transform_specs) -> dict:
     """Extract the float16 reference of images `chosen`, match both stores on the `sample` pairs between them,
     record and return `fidelity` per layer."""
-    from pipeline.cache.extract import extract
-    from pipeline.matching.match import match_store
-
-    fit = zarr.open_group(store.local(out), mode="r", use_consolidated=False).attrs.get("fit_images", [])
+    fit = FeatureStore.as_written(out).attrs.get("fit_images", [])
     reference = extract(dataclasses.replace(params, storage="float16"), name, latents_path, reference_path(out),
                         replace="outdated", only=chosen, check_disk=False)
 
@@ -120,13 +117,11 @@ def measure(params, name: str, latents_path, out, sample: pd.DataFrame, chosen: 
                            "pairs": int(len(sample)), "predictions": int(rows["predictions"].sum()),
                            "bfloat16_identical": float(floor["identical"].mean()[layer]),
                            "bfloat16_pck_change": float(floor["pck_change"].max()[layer])}
-    root = zarr.open_group(store.local(out), mode="r+", use_consolidated=False)
-    root.attrs["fidelity"] = {"storage": params.storage, "images": len(chosen), "layers": fidelity,
-                              "images_in_fit": len(set(chosen) & set(fit)), "sample": list(chosen),
-                              "transforms": list(transform_specs)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(root.store)
+    features = FeatureStore.for_writing(out)
+    features.set_attrs(fidelity={"storage": params.storage, "images": len(chosen), "layers": fidelity,
+                                 "images_in_fit": len(set(chosen) & set(fit)), "sample": list(chosen),
+                                 "transforms": list(transform_specs)})
+    features.consolidate()
     shutil.rmtree(reference_path(out))
     return fidelity
 
@@ -153,8 +148,6 @@ class Bfloat16Maps(StoreMaps):
 def agreement(stored: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Per (layer, timestep, transform) of two predictions tables of the same pairs: the fraction of
     identical predictions, the PCK@0.1 (bbox) change in points, and the predictions compared."""
-    from pipeline.evaluation import metrics
-
     keys = ["layer", "timestep", "transform"]
     same = (stored[["pred_x", "pred_y"]].to_numpy() == reference[["pred_x", "pred_y"]].to_numpy()).all(1)
     rates = pd.Series(same, index=stored.index).groupby([stored[k] for k in keys]).agg(["mean", "size"])

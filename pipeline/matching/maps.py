@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import store
+from pipeline.cache.store import FeatureStore
 from pipeline.errors import CHECKSUM_MISMATCH, PipelineError
 from pipeline.matching import transforms
 from pipeline.matching.protocols import FeatureMap
@@ -47,16 +47,16 @@ class StoreMaps:
     """Feature maps of one store as `FeatureMap`s, read one (image, timestep) chunk at a time."""
 
     def __init__(self, path: str | Path):
-        self.path = store.location(path)
-        self.root = store.open_existing(path)
-        if self.root.attrs.get("kind") != "features":
+        self.store = FeatureStore.open(path)
+        if self.store.kind != "features":
             raise PipelineError(path, "kind", "not a features store")
-        self.images = store.read_images(self.root).set_index("image")
+        self.path, self.root = self.store.path, self.store.root
+        self.images = self.store.images().set_index("image")
         self.position = {image: i for i, image in enumerate(self.images.index)}
-        self.timesteps = [int(t) for t in self.root["timestep"][:]]
-        self.layers = store.layers(self.root)
+        self.timesteps = self.store.timesteps()
+        self.layers = self.store.layers()
         self.name = self.root.attrs.get("name", Path(str(self.path)).stem)
-        self.fingerprint = self.root.attrs["fingerprint"]
+        self.fingerprint = self.store.fingerprint
         self.load = lru_cache(maxsize=8)(self._load)
         self.raw_map = lru_cache(maxsize=16)(self._raw_map)
         self.massive = lru_cache(maxsize=None)(self._massive)
