@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.config import PROTOCOLS, STATISTICS
+from pipeline.config import ON_ERROR, PROTOCOLS, STATISTICS
 from pipeline.errors import PipelineError, as_expected
 
 
@@ -57,7 +57,7 @@ def _cluster(params, scheduler, workers):
     return cluster.connect(scheduler or params.dask.scheduler, workers or params.dask.workers)
 
 
-_on_error_option = click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None,
+_on_error_option = click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
                                 help="skip: leave bad items out, list them, go on; default on_error in params.yaml.")
 _threshold_option = click.option(
     "--threshold", "thresholds", multiple=True, type=click.Choice(["bbox", "img"]),

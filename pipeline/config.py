@@ -499,8 +499,3 @@ def reference() -> str:
 if __name__ == "__main__":
     print(reference(), end="")
 
-
-def check_policy(value, where: str | Path = PARAMS_FILE) -> str:
-    if value not in ON_ERROR:
-        raise PipelineError(where, "on_error", f"expected one of {list(ON_ERROR)}, got {value!r}")
-    return value

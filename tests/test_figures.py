@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 from click.testing import CliRunner
 from PIL import Image
 

@@ -3,6 +3,7 @@ purpose (pipeline/cache/provenance.py, FeatureStore.create)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pipeline.config import BackboneParams, EncoderParams
 from pipeline.data.spair import load_split
 from pipeline.demo.tiny_models import make_tiny
 from pipeline.models.backbones import sd2
+from pipeline.models.kinds import KINDS
 from stages import extract as extract_stage
 from stages import run
 
@@ -234,6 +236,9 @@ def test_code_the_extraction_does_not_reach_leaves_the_fingerprint_as_it_is(proj
     monkeypatch.setattr(plan, "make_plan", lambda params, images=None, results=None: {})
     monkeypatch.setattr(flux.Flux, "run", lambda self, x, t, category: {})  # another backbone's code
     monkeypatch.setattr(extract, "extract", lambda *args, **kwargs: None)  # orchestration: what the workers run counts
+    # A kind's declarations check a run and shape no value: another kind added, or this one's edited, counts nothing.
+    monkeypatch.setitem(KINDS, "sdxl", dataclasses.replace(KINDS["sd2"], name="sdxl"))
+    monkeypatch.setitem(KINDS, "sd2", dataclasses.replace(KINDS["sd2"], offload=("none",)))
     assert _determinants(project) == before
 
 
@@ -273,11 +278,11 @@ def test_the_closure_holds_what_an_sd3_extraction_runs():
             "pipeline.models.backbones.base.Backbone.model_latent", "pipeline.models.backbones.base.capture",
             "pipeline.models.backbones.base.flow_noised", "pipeline.models.backbones.base.adaln_modulation",
             "pipeline.models.backbones.parts.Parts.load", "pipeline.models.backbones.registry.backbone_class",
-            "pipeline.models.backbones.base.KINDS"} <= set(code)
+            "pipeline.models.backbones.registry.check_canvas"} <= set(code)
     assert all(len(digest) == 12 for digest in code.values()) and list(code) == sorted(code)
     assert not [name for name in code if "ConfigParts" in name or ".flux." in name or ".sd2." in name
                 or name.startswith(("pipeline.workflows", "pipeline.cache.provenance", "pipeline.models.realsize",
-                                    "pipeline.cache.sizes"))]
+                                    "pipeline.cache.sizes", "pipeline.models.kinds")) or name.endswith(".KINDS")]
     assert "pipeline.cache.extract.extract" not in code and "pipeline.cache.extract._backbones" not in code
     # The `pca:K` fit counts only for `pca:K`; a lossy storage brings the codecs' classes (Zarr's registry).
     assert "pipeline.cache.extract._fit_axes" not in code and "pipeline.cache.codecs.LayerMoments.fit" not in code

@@ -11,7 +11,6 @@ import zarr
 from click.testing import CliRunner
 
 from cli import cli
-from pipeline.cache import store
 from pipeline.config import BackboneParams
 from pipeline.errors import PipelineError
 from pipeline.cache.extract import expected_fingerprint, extract

@@ -15,7 +15,6 @@ from pipeline.cache.encode import encode
 from pipeline.errors import PipelineError
 from pipeline.cache.extract import extract
 from pipeline.matching.match import match_store
-from pipeline.evaluation.metrics import pck_table
 from pipeline.data.spair import load_split
 from pipeline.demo.tiny_models import make_tiny
 

@@ -26,7 +26,7 @@ from pipeline.config import BackboneParams, parse_storage
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models import hub
 from pipeline.models.backbones.parts import Parts
-from pipeline.models.backbones.registry import backbone_class, make_backbone
+from pipeline.models.backbones.registry import backbone_class, check_canvas, check_latents, make_backbone
 
 
 _backbones: dict[str, object] = {}
@@ -113,13 +113,14 @@ def feature_code(params: BackboneParams) -> dict[str, str]:
     """{qualified name: digest} of the code that computes a store's values (pipeline/cache/provenance.py,
     `code_closure`): what the extraction workers reach (`_extract_images`; `_fit_axes` for `pca:K`), the
     backbone's class and its bases (chosen by `kind` at run time: `backbone_class`, a registry, counts by
-    its own source, not by every class it could return) and, for a storage other than float16, the codec
-    module's classes (Zarr calls them through its registry)."""
+    its own source, not by every class it could return; so do the checks of what a kind declares, which
+    shape no value) and, for a storage other than float16, the codec module's classes (Zarr calls them
+    through its registry)."""
     roots = [_extract_images, *([_fit_axes] if parse_storage(params.storage)[0] == "pca" else []),
              backbone_class(params.kind)]
     if params.storage != "float16":
         roots += module_classes(codecs)
-    return code_closure(roots, opaque=[backbone_class])
+    return code_closure(roots, opaque=[backbone_class, check_latents, check_canvas])
 
 
 def _determinants(params: BackboneParams, latents_attrs: dict) -> dict:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import check_policy
 from pipeline.data.images import image_size
 from pipeline.errors import PipelineError
 
@@ -138,7 +137,6 @@ def load_split(
     `on_error: skip` leaves out a bad pair file, and every pair whose image is missing, unreadable
     or of another size than annotated, and lists them in `Split.skipped`.
     """
-    check_policy(on_error)
     root = Path(root)
     skipped: list[tuple[str, str]] = []
 

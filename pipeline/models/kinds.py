@@ -20,14 +20,13 @@ class Kind:
     """One backbone kind.
 
     `reads`: `latents` (an `encoders` store: a VAE's posterior) or `pixels` (a `canvases` store: the canvas
-    itself). `denoiser`: the pipeline component that makes the features (None: none, or a plain vision
-    model). `config`: the file, inside the model's folder, whose values set the canvas multiple.
-    `offload`: the `offload` choices it supports. `components`: what it loads from its pipeline folder (T5 aside: `t5`).
+    itself). `config`: the file, inside the model's folder, whose values set the canvas multiple. `offload`:
+    the `offload` choices it supports (blocks: only with a denoiser to stream). `components`: what it loads
+    from its pipeline folder (T5 aside: `t5`).
     """
 
     name: str
     reads: str
-    denoiser: str | None
     config: str | None
     offload: tuple[str, ...]
     components: tuple[str, ...] = ()
@@ -67,13 +66,13 @@ class Kind:
 
 
 KINDS = {kind.name: kind for kind in (
-    Kind("sd2", "latents", "unet", "unet/config.json", OFFLOAD, ("text_encoder", "tokenizer", "unet", "scheduler")),
-    Kind("sd3", "latents", "transformer", "transformer/config.json", OFFLOAD,
+    Kind("sd2", "latents", "unet/config.json", OFFLOAD, ("text_encoder", "tokenizer", "unet", "scheduler")),
+    Kind("sd3", "latents", "transformer/config.json", OFFLOAD,
          ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")),
-    Kind("flux", "latents", "transformer", "transformer/config.json", OFFLOAD,
+    Kind("flux", "latents", "transformer/config.json", OFFLOAD,
          ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")),
-    Kind("vae-sd2", "latents", None, None, ("none",)),
-    Kind("vae-sd3", "latents", None, None, ("none",)),
-    Kind("dinov2", "pixels", None, "config.json", ("none",)),
-    Kind("clip", "pixels", None, "config.json", ("none",)),
+    Kind("vae-sd2", "latents", None, ("none",)),
+    Kind("vae-sd3", "latents", None, ("none",)),
+    Kind("dinov2", "pixels", "config.json", ("none",)),
+    Kind("clip", "pixels", "config.json", ("none",)),
 )}

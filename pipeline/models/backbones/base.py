@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models.kinds import KINDS, Kind
 from pipeline.models.backbones.parts import Parts
 
 if TYPE_CHECKING:
@@ -87,14 +86,6 @@ class Backbone:
             self.conditions = self.encode_prompts(prompts)
         parts.release()
         self.load_model()
-        multiple, why = self.kind.multiple_for(self.model_config())
-        if self.canvas % multiple:
-            raise PipelineError("params.yaml", "canvas", f"{self.canvas} px does not suit {params.kind} "
-                                f"({params.model}): the canvas must be a multiple of {multiple} px ({why})")
-
-    @property
-    def kind(self) -> Kind:
-        return KINDS[self.params.kind]
 
     def encode_prompts(self, prompts: dict[str, str]) -> dict:
         """category -> the model's conditioning; the text encoders are dropped on return."""
@@ -104,7 +95,8 @@ class Backbone:
         raise NotImplementedError
 
     def model_config(self) -> dict | None:
-        """The loaded model's config values that set its canvas multiple (Kind.multiple_for); None: the VAE's."""
+        """The loaded model's config values that set its canvas multiple (pipeline/models/kinds.py,
+        `Kind.multiple_for`); None: the VAE's."""
         return None
 
     def denoiser(self) -> torch.nn.Module | None:

@@ -29,9 +29,27 @@ def backbone_class(kind: str) -> type[Backbone]:
 
 def make_backbone(params: BackboneParams, latents_attrs: dict, parts: Parts, categories: list[str] = ()) -> Backbone:
     cls = backbone_class(params.kind)
+    check_latents(params, latents_attrs)
+    backbone = cls(params, latents_attrs, parts, categories)
+    check_canvas(backbone)
+    return backbone
+
+
+# What a kind declares (pipeline/models/kinds.py) checks a run; it shapes no stored value, so the store's code
+# identity counts these checks by their own source, not the declarations (pipeline/cache/extract.py, `feature_code`):
+# a kind added or edited leaves every other store as it is.
+
+def check_latents(params: BackboneParams, latents_attrs: dict) -> None:
     reads_pixels = KINDS[params.kind].reads_pixels
     if reads_pixels != (latents_attrs.get("encoder", "vae") == "pixels"):
         needed = "kind: pixels" if reads_pixels else "kind: vae"
         raise PipelineError("params.yaml", "latents", f"{params.kind} needs an encoder with `{needed}`; "
                             f"{params.latents!r} is a {latents_attrs.get('encoder', 'vae')} encoder")
-    return cls(params, latents_attrs, parts, categories)
+
+
+def check_canvas(backbone: Backbone) -> None:
+    params = backbone.params
+    multiple, why = KINDS[params.kind].multiple_for(backbone.model_config())
+    if backbone.canvas % multiple:
+        raise PipelineError("params.yaml", "canvas", f"{backbone.canvas} px does not suit {params.kind} "
+                            f"({params.model}): the canvas must be a multiple of {multiple} px ({why})")
