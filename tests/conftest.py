@@ -64,6 +64,15 @@ def store_files(path: Path) -> dict[str, bytes]:
             if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
 
 
+def differing_files(found: dict[str, bytes], expected: dict[str, bytes]) -> list[str]:
+    """The keys two `store_files` disagree on, each with how (a failed comparison then names the files, not
+    the whole stores' bytes)."""
+    return sorted([f"{key}: only in the first" for key in found.keys() - expected.keys()]
+                  + [f"{key}: only in the second" for key in expected.keys() - found.keys()]
+                  + [f"{key}: {len(found[key])} vs {len(expected[key])} bytes" for key in found.keys() & expected.keys()
+                     if found[key] != expected[key]])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def digest_cache(tmp_path_factory) -> Path:
     """Model files' digests (pipeline/cache/provenance.py) cached in the session's temporary folder, not the
