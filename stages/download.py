@@ -4,6 +4,7 @@
 import sys
 from pathlib import Path
 
+from pipeline.demo import hpatches
 from pipeline.demo.dataset import DemoSpec, generate
 from pipeline.config import load_params
 from pipeline.data.download import DATASETS, download
@@ -14,6 +15,10 @@ from stages import run
 def main(name: str) -> None:
     spec = load_params().download[name]
     root = Path(spec.root)
+    if spec.demo is not None and spec.demo.dataset == "hpatches":
+        # No keypoint files: they would lie outside the stage's output; the demo's params detect SIFT points.
+        hpatches.generate(root, hpatches.HPatchesDemoSpec(seed=spec.demo.seed, sequences=spec.demo.sequences, keypoints=None))
+        return
     if spec.demo is not None:
         generate(root, DemoSpec(spec.demo.seed, spec.demo.sources_per_category))
         return

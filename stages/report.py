@@ -1,5 +1,7 @@
 """DVC stage `report`: reports/index.md (and its twin index.json) with its figures, from metrics/ and the stores."""
 
+from pathlib import Path
+
 import pandas as pd
 
 from pipeline.evaluation import report
@@ -12,8 +14,10 @@ def main() -> None:
     params = load_params()
     findings = Findings.read(backbones=params.backbones)
     stores = {name: str(params.store_path(name)) for name in params.backbones if name in findings.best}
+    hpatches = Path("metrics/hpatches/accuracy.csv")
     report.write_report("reports", findings, stores, pd.read_parquet(params.data.pairs),
-                        pd.read_parquet(params.data.images), params.data.root, params.report.shown)
+                        pd.read_parquet(params.data.images), params.data.root, params.report.shown,
+                        pd.read_csv(hpatches) if hpatches.exists() else None)
 
 
 if __name__ == "__main__":

@@ -246,8 +246,9 @@ def test_existing_folder_not_ours_is_left_alone(server, tmp_path):
 def test_unknown_dataset_and_registry():
     with pytest.raises(PipelineError) as error:
         download("x", "unused")
-    assert str(error.value) == "dataset: unknown dataset 'x'; expected one of ['spair71k']"
+    assert str(error.value) == "dataset: unknown dataset 'x'; expected one of ['hpatches', 'spair71k']"
     assert dl.DATASETS["spair71k"].url.endswith("/SPair-71k.tar.gz")
+    assert dl.DATASETS["hpatches"].url.endswith("/hpatches-sequences-release.tar.gz")
 
 
 def test_cli_and_dvc_stage_download_the_dataset(server, tmp_path, monkeypatch):

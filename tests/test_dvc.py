@@ -35,6 +35,9 @@ def project(tmp_path):
     params["canvases"] = {}
     params["models"] = {"tiny-sd3": params["models"]["tiny-sd3"]}
     params["match"]["transforms"] = {k: v for k, v in params["match"]["transforms"].items() if k in params["backbones"]}
+    hpatches = params["datasets"]["hpatches"]
+    hpatches["backbones"] = {name: hpatches["backbones"][name] for name in ("sd3", "vae-sd3")}
+    params["download"]["hpatches-demo"]["demo"]["sequences"] = 2  # 12 images, 10 pairs
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
@@ -62,7 +65,9 @@ def test_repro_then_noop_then_only_dependents(project):
     assert all(model["source"].startswith("tiny:") for model in params["models"].values())  # the demo's own
     expected = {"download@demo", "prepare"} | {f"model@{m}" for m in params["models"]} \
         | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]} \
-        | {f"match@{b}" for b in params["backbones"]} | {"evaluate", "report"}
+        | {f"match@{b}" for b in params["backbones"]} | {"evaluate", "report"} \
+        | {"download@hpatches-demo", "hpatches-evaluate"} \
+        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")}
     assert _stages_run(first) == expected
     assert (project / "data" / "prepared" / "pairs.parquet").is_file()
     for backbone in params["backbones"]:
@@ -84,9 +89,15 @@ def test_repro_then_noop_then_only_dependents(project):
     # model@ reads `backbones` (which components to fetch): it runs, keeps or rebuilds the same bytes, and
     # nothing downstream of the folder runs again.
     assert _stages_run(_run(project, *dvc, "repro")) == {"model@tiny-sd3", "extract@vae-sd3", "match@vae-sd3",
-                                                         "evaluate", "report"}
+                                                         "evaluate", "hpatches-extract@vae-sd3", "hpatches-match@vae-sd3",
+                                                         "hpatches-evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])
+    shown = _run(project, *dvc, "metrics", "show", "metrics/hpatches/accuracy.json")
+    assert all(f"{b}.accuracy.all <= 3 px" in shown for b in ("sd3", "vae-sd3")), shown
+    plotted = pd.read_csv(project / "metrics" / "hpatches" / "plot.csv")
+    assert set(plotted["backbone"]) == {"sd3", "vae-sd3"} and sorted(set(plotted["threshold"])) == [1, 3, 5]
+    assert "## Geometric correspondence: HPatches homography estimation" in (project / "reports" / "index.md").read_text()
     # `dvc plots show`: one plot per question, one series per backbone (not per variant).
     for curve in ("pck_vs_depth", "pck_vs_timestep"):
         series = pd.read_csv(project / "metrics" / "plots" / f"{curve}.csv")["series"]
@@ -100,4 +111,7 @@ def test_repro_then_noop_then_only_dependents(project):
     assert "not matched yet, left out: vae-sd3" in partial.stderr
     assert sorted(p.name for p in (project / "metrics" / "best").iterdir()) == ["sd3.json"]
     assert set(pd.read_csv(project / "metrics" / "pck.csv")["backbone"]) == {"sd3"}
-    assert "vae-sd3" not in (project / "reports" / "index.md").read_text()
+    text = (project / "reports" / "index.md").read_text()
+    before, rest = text.split("## Geometric correspondence: HPatches", 1)
+    spair = before + rest.split("## Similarity heatmaps", 1)[1]  # HPatches' sections: vae-sd3 is matched there
+    assert "vae-sd3" not in spair and "| vae-sd3 " in rest.split("## Similarity heatmaps", 1)[0]

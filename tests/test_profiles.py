@@ -47,7 +47,9 @@ def test_every_profile_parses_and_plans_every_stage(scratch, profile):
     expected = {"prepare", "evaluate", "report"} | {f"download@{d}" for d in params.get("download") or {}} \
         | {f"model@{m}" for m in params.get("models") or {}} | {f"encode@{e}" for e in params.get("encoders") or {}} \
         | {f"canvas@{c}" for c in params.get("canvases") or {}} \
-        | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")}
+        | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")} \
+        | {"hpatches-evaluate"} | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"]
+                                  for step in ("extract", "match")}
     assert planned(scratch, profile) == expected
 
 
@@ -73,3 +75,9 @@ def test_every_profile_holds_every_parameter_a_stage_names(profile):
 def test_a_backbone_needs_only_its_own_model_and_latents(scratch, backbone, upstream):
     # The real profile: extracting SD2.1 must not first fetch FLUX.1-dev (33.7 GB, gated), CLIP-H or DINOv2.
     assert planned(scratch, REPO / "profiles" / "spair71k.yaml", f"extract@{backbone}") == upstream | {f"extract@{backbone}"}
+
+
+def test_a_backbone_on_hpatches_needs_only_its_own_model_and_the_dataset(scratch):
+    # Not SPair (no download@spair71k, no prepare) and not the other models.
+    assert planned(scratch, REPO / "profiles" / "spair71k.yaml", "hpatches-extract@sd3") == \
+        {"download@hpatches", "model@sd3-medium", "hpatches-extract@sd3"}

@@ -6,13 +6,15 @@ with the network replaced by stand-ins on 127.0.0.1.
   random-weight models of the real classes and depths, narrow widths, plus the files the `model@` stages
   must not fetch. The gated repositories answer 401 until a token is sent.
 - An HTTP server serves a generated SPair-71k tarball (the exact layout, SPair-like image sizes) to
-  `download@spair71k`, which loses the connection once and resumes with a Range request.
+  `download@spair71k`, which loses the connection once and resumes with a Range request; another serves a
+  generated HPatches tarball (the release's layout, two sequences) to `download@hpatches`.
 
 What the test changes in the profile it reads, and nothing else, is DEPARTURES.
 """
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -36,18 +38,20 @@ DEPARTURES = [
     "encoders.*.device, backbones.*.device, match.device: cpu (no GPU in CI)",
     "encoders.*.dtype, backbones.*.dtype: float32 (float16 needs a GPU; bfloat16 is slow on the CPU)",
     "download.spair71k.url: the local server; download.spair71k.sha256: the generated tarball's digest",
+    "download.hpatches.url: the local server; download.hpatches.sha256: the generated tarball's digest",
 ]
 # SPair-71k's aspect ratios (its images are ~500 x 375) at 3/5 of the side: DIFT's matching costs in proportion
 # to the target's pixels, and the sd2-vs-sd3 profile matches 288 variants (twice: the fidelity sample too).
 SPAIR_SIZES = ((300, 225), (225, 300), (300, 200))
 
 
-def with_departures(profile: dict, url: str, sha256: str) -> dict:
+def with_departures(profile: dict, url: str, sha256: str, hpatches_url: str, hpatches_sha256: str) -> dict:
     for section in ("encoders", "backbones"):
         for entry in profile[section].values():
             entry |= {"device": "cpu", "dtype": "float32"}
     profile["match"]["device"] = "cpu"
     profile["download"]["spair71k"] |= {"url": url, "sha256": sha256}
+    profile["download"]["hpatches"] |= {"url": hpatches_url, "sha256": hpatches_sha256}
     return profile
 
 
@@ -63,14 +67,34 @@ def spair_tarball(base: Path) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def spair_server(tmp_path_factory):
+def hpatches_tarball(base: Path) -> bytes:
+    """hpatches-sequences-release.tar.gz: the demo's generator in the release's layout, one illumination and one
+    viewpoint sequence (12 images, 10 pairs)."""
+    from pipeline.demo.hpatches import HPatchesDemoSpec, generate
+
+    root = generate(base / "hpatches-sequences-release", HPatchesDemoSpec(seed=0, sequences=2, keypoints=None))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(root, arcname="hpatches-sequences-release")
+    return buffer.getvalue()
+
+
+def serve(body: bytes):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.serving = Serving(body=spair_tarball(tmp_path_factory.mktemp("spair")))
+    httpd.serving = Serving(body=body)
     threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    return httpd
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> dict:
+    """The two archives the real profiles download, each on its own local server."""
+    running = {"spair71k": serve(spair_tarball(tmp_path_factory.mktemp("spair"))),
+               "hpatches": serve(hpatches_tarball(tmp_path_factory.mktemp("hpatches")))}
+    yield running
+    for httpd in running.values():
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +128,16 @@ def stages_run(output: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name", ["spair71k.yaml", "sd2-vs-sd3.yaml"])
-def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, spair_server, snapshots):
+def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, servers, snapshots):
     from pipeline.models.realsize import REAL_MODELS
 
+    spair_server, hpatches_server = servers["spair71k"], servers["hpatches"]
     shipped = yaml.safe_load((REPO / "profiles" / name).read_text())
     body = spair_server.serving.body
     url = f"http://127.0.0.1:{spair_server.server_address[1]}/SPair-71k.tar.gz"
-    params = with_departures(shipped, url, hashlib.sha256(body).hexdigest())
+    hpatches_url = f"http://127.0.0.1:{hpatches_server.server_address[1]}/hpatches-sequences-release.tar.gz"
+    params = with_departures(shipped, url, hashlib.sha256(body).hexdigest(), hpatches_url,
+                             hashlib.sha256(hpatches_server.serving.body).hexdigest())
     root = scratch_project(tmp_path, params)
     repos = {model["source"]: (model["revision"], snapshots[model["source"]]) for model in params["models"].values()}
     gated = {source for source in repos if REAL_MODELS[source].gated}
@@ -147,7 +174,9 @@ def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, spair_serve
 
     expected = {"prepare", "evaluate", "report"} | {f"model@{m}" for m in params["models"]} \
         | {f"encode@{e}" for e in params["encoders"]} | {f"canvas@{c}" for c in params.get("canvases") or {}} \
-        | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")}
+        | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")} \
+        | {"download@hpatches", "hpatches-evaluate"} \
+        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")}
     assert stages_run(first.stdout) == expected
     assert stages_run(again.stdout) == set()
     assert "up to date" in status.stdout
@@ -159,6 +188,8 @@ def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, spair_serve
             attrs = zarr.open_group(root / "store" / f"{backbone}.zarr", mode="r").attrs.asdict()
             assert "fidelity" in attrs, backbone  # measured before the other images
     assert (root / "reports" / "index.md").is_file()
+    accuracy = json.loads((root / "metrics" / "hpatches" / "accuracy.json").read_text())
+    assert set(accuracy) - {"protocol"} == set(params["datasets"]["hpatches"]["backbones"])
     # What the model stages fetched: configs, tokenizers and the default-precision weights of the components
     # used; never a single-file checkpoint, a .bin duplicate or an fp16 variant.
     assert fetched and not any(path.endswith((".bin", ".fp16.safetensors", ".ckpt")) for path in fetched), fetched

@@ -1,5 +1,6 @@
 """Is a features store what the current parameters and code would build? Every reader asks before it serves
-one (cli.py match, search, explore, show, inspect, propagate; the `match@<backbone>` stage; the explorer).
+one (cli.py match, search, explore, show, inspect, propagate; the `match@<backbone>` and `hpatches-match@<backbone>`
+stages; the explorer). A store of HPatches' images is compared with what `hpatches-extract` would build.
 
 `extract` refuses to resume a store built with other parameters, model or code, and DVC rebuilds it; a
 reader compares the same fingerprint: the store's recorded `fingerprint` against the one `extract` would
@@ -38,11 +39,20 @@ def _latents_attrs(path: Path, recorded: dict) -> dict:
     return {"fingerprint": recorded.get("latents")}
 
 
-def expected_determinants(recorded: dict, name: str, params) -> dict:
+def is_hpatches(attrs: dict) -> bool:
+    """A store of HPatches' images (pipeline/workflows/hpatches.py), built with datasets.hpatches' changes."""
+    return (attrs.get("dataset") or {}).get("name") == "hpatches"
+
+
+def expected_determinants(recorded: dict, name: str, params, hpatches: bool = False) -> dict:
     """The determinants `extract` would record now for params.yaml's backbone `name` (`recorded`: the
-    store's, for what cannot be checked here)."""
-    spec = params.backbone(name)
-    expected = _determinants(spec, _latents_attrs(params.latents_path(spec.latents), recorded))
+    store's, for what cannot be checked here); `hpatches`: for its store of HPatches' images."""
+    if hpatches:
+        spec, latents = params.hpatches_backbone(name), params.hpatches_latents(params.backbone(name).latents)
+    else:
+        spec = params.backbone(name)
+        latents = params.latents_path(spec.latents)
+    expected = _determinants(spec, _latents_attrs(latents, recorded))
     if not Path(spec.model).is_dir() and recorded.get("model") == spec.model and "model_identity" in recorded:
         expected["model_identity"] = recorded["model_identity"]  # a local model not on this machine
     if "only" in recorded:  # a fidelity reference: some of the latents store's images (pipeline/workflows/fidelity.py)
@@ -64,12 +74,14 @@ def _stale(path, params, source: str) -> tuple[str, str] | None:
     """(the store's name, why it is stale), or None for a current or a foreign store."""
     attrs = FeatureStore.open(path).attrs
     recorded, name = attrs.get("determinants"), attrs.get("name")
-    if attrs.get("kind") != "features" or not isinstance(recorded, dict) or name not in params.backbones:
+    hpatches = is_hpatches(attrs)
+    if attrs.get("kind") != "features" or not isinstance(recorded, dict) or name not in params.backbones \
+            or (hpatches and name not in params.datasets.hpatches.backbones):
         return None
     if store.fingerprint(recorded) != attrs.get("fingerprint"):
         return name, (f"its fingerprint {attrs.get('fingerprint')} does not match the parameters recorded in it "
                       "(its attributes were edited or damaged)")
-    expected = expected_determinants(recorded, name, params)
+    expected = expected_determinants(recorded, name, params, hpatches)
     if store.fingerprint(expected) == attrs["fingerprint"]:
         return None
     changes = ", ".join(_what_differs(recorded, expected)) or "determinants differ"
@@ -97,7 +109,9 @@ def check_current(path: str | Path, params, allow_stale: bool, source: str | Pat
     name, why = found
     if allow_stale:
         return f"warning: {path}: stale: {why}; read anyway ({anyway or 'allow_stale'})"
-    if _same_place(path, params.store_path(name)):
+    if is_hpatches(FeatureStore.open(path).attrs):
+        rebuild = f"`dvc repro --force --single-item hpatches-extract@{name}`"
+    elif _same_place(path, params.store_path(name)):
         rebuild = f"`dvc repro --force --single-item extract@{name}`, or `cli.py extract --backbone {name} --overwrite`"
     else:
         rebuild = f"`cli.py extract --backbone {name} --store {path} --overwrite`"

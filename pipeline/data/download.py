@@ -41,6 +41,9 @@ DATASETS = {
     # digest of what it got, to pin with --sha256 (or download.<name>.sha256 in params.yaml).
     "spair71k": Dataset(url="http://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz",
                         archive="SPair-71k.tar.gz", folder="SPair-71k", sha256=None),
+    # The URL d2-net's hpatches_sequences/download.sh fetches (d2-net 0a3356c6991c634ef4cce3ea6e07115202fb99a1).
+    "hpatches": Dataset(url="http://icvl.ee.ic.ac.uk/vbalnt/hpatches/hpatches-sequences-release.tar.gz",
+                        archive="hpatches-sequences-release.tar.gz", folder="hpatches-sequences-release", sha256=None),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cache.store import FeatureStore
-from pipeline.evaluation import figures, metrics
+from pipeline.evaluation import figures, homography, metrics
 from pipeline.evaluation.findings import Findings
 from pipeline.matching.maps import Variant
 
@@ -60,12 +60,13 @@ def _variant_label(row) -> str:
 
 
 def _section(key: str, title: str, setting: dict, rows: pd.DataFrame | list[dict], note: str = "",
-             decimals: int = 3) -> dict:
+             decimals: int = 3, setting_text: str | None = None) -> dict:
     """One table of the report: its rows, and the one setting they are all in (a field set to None varies
-    along the rows, which name it)."""
+    along the rows, which name it); `setting_text` for a setting that is not SPair's PCK."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     records = json.loads(frame.to_json(orient="records", double_precision=6))
-    return {"key": key, "title": title, "setting": setting, "setting_text": metrics.describe_setting(setting),
+    return {"key": key, "title": title, "setting": setting,
+            "setting_text": setting_text or metrics.describe_setting(setting),
             "note": note, "columns": list(frame.columns), "rows": records, "decimals": decimals}
 
 
@@ -199,12 +200,34 @@ def figure_variants(findings: Findings, stores: dict[str, str], shown: dict[str,
     return variants
 
 
+def hpatches_sections(accuracy: pd.DataFrame) -> list[dict]:
+    """HPatches homography estimation (pipeline/evaluation/homography.py's accuracy table): each backbone's best
+    variant at every threshold and subset, and every variant overall."""
+    setting = homography.setting(accuracy)
+    text = homography.describe_setting(setting)
+    best = homography.best_variants(accuracy)
+    rows = [{"backbone": name, **{c: b[c] for c in homography.IDENTITY}, **b["accuracy"], "pairs": b["pairs"]}
+            for name, b in sorted(best.items())]
+    note = (f"Accuracy (%) = share of pairs whose mean corner error is <= the threshold, in pixels of image 1; "
+            f"`i`: illumination sequences, `v`: viewpoint, `all`: every pair (DIFT's overall). Best variant: the "
+            f"highest mean of the `all` columns, chosen on these pairs.")
+    every = homography.wide(accuracy, subsets=("all",))
+    return [_section("hpatches", "Geometric correspondence: HPatches homography estimation", setting, rows, note, 1,
+                     text),
+            _section("hpatches_variants", "HPatches: every variant", setting, every,
+                     "Accuracy (%) over all pairs at each threshold.", 1, text)]
+
+
 def write_report(out_dir: str | Path, findings: Findings, stores: dict[str, str], pairs: pd.DataFrame,
-                 images: pd.DataFrame, root: str | Path, shown: dict[str, list[str]] | None = None) -> Path:
-    """reports/index.md and its twin index.json, with the figures they show."""
+                 images: pd.DataFrame, root: str | Path, shown: dict[str, list[str]] | None = None,
+                 hpatches: pd.DataFrame | None = None) -> Path:
+    """reports/index.md and its twin index.json, with the figures they show; `hpatches`: the HPatches accuracy
+    table (metrics/hpatches/accuracy.csv), when the study has one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     content = build(findings, stores)
+    if hpatches is not None and len(hpatches):
+        content["sections"] += hpatches_sections(hpatches)
     setting_text = content["headline_text"]
     by_depth, by_timestep = metrics.curve_tables(findings.table)
     figures.curve_figure(by_depth, "depth", out_dir / "pck_vs_depth.png", "relative layer depth",
@@ -227,6 +250,7 @@ def write_report(out_dir: str | Path, findings: Findings, stores: dict[str, str]
         "## PCK against timestep", "", "![PCK against timestep, one line per backbone](pck_vs_timestep.png)", "",
         sections["by_alpha"], sections["settings"], sections["by_category"], sections["by_flag"],
         sections["published"],
+        *([sections["hpatches"], sections["hpatches_variants"]] if "hpatches" in sections else []),
         "## Similarity heatmaps", "",
         "Each backbone's best variant (and the layers `report.shown` names). Source with the query point; each "
         "target under its cosine map (0-1, viridis); white circle: true point, red cross: prediction.", "",

@@ -122,7 +122,7 @@ def _write_parts_and_table(maps, request: Plan, pairs: pd.DataFrame, out: Path, 
     files = {target: parts / f"{i:06d}.parquet" for i, target in enumerate(request.targets)}
     todo = [t for t in request.targets if not files[t].exists()]
     for target, frame in _run(maps, request, pairs, todo, client, initial=len(request.targets) - len(todo)):
-        _atomic_parquet(frame, files[target])
+        write_parquet_atomically(frame, files[target])
     writer, staging = None, out.with_name(f".{out.name}.partial")
     try:
         # A row group per TARGETS_PER_ROW_GROUP targets: the writer keeps every row group's metadata
@@ -160,7 +160,7 @@ def _parts_folder(out: Path, maps, request: Plan, pairs: pd.DataFrame) -> Path:
     return parts
 
 
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
     staging = path.with_name(f".{path.name}.partial")
     frame.to_parquet(staging, index=False)
     os.replace(staging, path)
