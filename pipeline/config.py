@@ -237,8 +237,8 @@ class ExploreParams:
 # 0a3356c6991c634ef4cce3ea6e07115202fb99a1), which DIFT's evaluation then never sees.
 D2NET_EXCLUDED = ("i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_whitebuilding", "v_artisans", "v_astronautis",
                   "v_talent")
-KeypointSource = Annotated[str, Field(pattern=r"^(sift:[1-9][0-9]*|files:.+)$", json_schema_extra={
-    "expected": "sift:<N> or files:<folder>"})]
+KeypointSource = Annotated[str, Field(pattern=r"^(sift:[1-9][0-9]*|files)$", json_schema_extra={
+    "expected": "sift:<N> or files"})]
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,8 @@ class DatasetBackbone:
 
     __pydantic_config__ = SCHEMA
     model: str  # backbones.<name>.model again: dvc.yaml's stage depends on it, and DVC cannot look it up there
-    layers: list[str] | None = None  # null: the backbone's
-    timesteps: list[Timestep] | None = None  # null: the backbone's; DIFT_sd on HPatches: [0]
+    layers: Annotated[list[str], Field(min_length=1)] | None = None  # null: the backbone's
+    timesteps: Annotated[list[Timestep], Field(min_length=1)] | None = None  # null: the backbone's; DIFT_sd on HPatches: [0]
     ensemble: Count | None = None  # null: the backbone's; DIFT_sd on HPatches: 8
     prompt: str = ""  # DIFT's HPatches prompt is empty
 
@@ -264,15 +264,16 @@ class HPatchesParams:
     task: Literal["homography"] = "homography"
     root: str = "data/hpatches-demo"  # hpatches-sequences-release: <seq>/{1..6}.ppm and H_1_2 .. H_1_6
     exclude: list[str] = field(default_factory=lambda: list(D2NET_EXCLUDED))  # sequences left out (DIFT's: d2-net's 8)
-    # sift:<N>: OpenCV SIFT's N strongest points (no weights needed); files:<folder>: DIFT's `<seq>-<k>.kp`
-    # files (1,000 SuperPoint points per image), read as they are
+    # sift:<N>: OpenCV SIFT's N strongest points (no weights needed); files: DIFT's `<seq>-<k>.kp` files in
+    # keypoint_files (1,000 SuperPoint points per image), each point checked to lie in its image
     keypoints: KeypointSource = "sift:1000"
+    keypoint_files: str = "data/hpatches-demo"  # the folder of .kp files (keypoints: files); a dependency of hpatches-match either way
     canvas: Annotated[int, Field(ge=8, strict=True)] = 768  # every image squashed to canvas x canvas, as DIFT's 768 x 768
     metric: Literal["cosine", "l2"] = "cosine"  # DIFT_sd: cosine; DIFT_adm: l2
     method: Literal["lmeds", "ransac"] = "lmeds"  # cv2.findHomography's: DIFT_sd lmeds, DIFT_adm ransac
     ransac_threshold: Annotated[float, Field(gt=0)] = 3.0  # px, as DIFT passes it
     # the backbones run on it (at least one: hpatches-evaluate reads their tables), and what each changes
-    backbones: Annotated[dict[str, DatasetBackbone], Field(min_length=1)] = field(default_factory=dict)
+    backbones: Annotated[dict[str, DatasetBackbone], Field(min_length=1, validate_default=True)] = field(default_factory=dict)
     predictions: str = "predictions-hpatches"  # one table per backbone, a row per pair and variant
 
 
@@ -538,6 +539,10 @@ def consistency_problems(params: Params) -> list[tuple[str, str]]:
         backbone = params.backbones[name]
         if changes.model != backbone.model:
             problems.append((f"{where}.model", f"{changes.model!r} is not backbones.{name}.model ({backbone.model!r})"))
+        encoder = sources.get(backbone.latents)
+        if encoder is not None and encoder.model and encoder.model != changes.model:
+            problems.append((f"{where}.model", f"hpatches-extract encodes with {encoder.model!r} (the backbone's "
+                                               f"latents, {backbone.latents!r}): it must be this model, its dependency"))
         multiple, why = KINDS[backbone.kind].canvas_multiple(backbone.model)
         if hpatches.canvas % multiple:
             problems.append(("datasets.hpatches.canvas", f"{hpatches.canvas} px is not a multiple of {multiple} px, which "

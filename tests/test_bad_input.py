@@ -193,8 +193,9 @@ def test_malformed_params_are_refused_before_any_work(key, value, errors, tmp_pa
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name in params["backbones"].values():  # models/ of a fresh clone: the ViT patch from the default
         name["model"] = name["model"].replace("models/", "absent/")
-    for name in params["datasets"]["hpatches"]["backbones"].values():  # the same model, as DVC reads it
-        name["model"] = name["model"].replace("models/", "absent/")
+    for section in (params["encoders"], params["datasets"]["hpatches"]["backbones"]):  # the same models
+        for name in section.values():
+            name["model"] = name["model"].replace("models/", "absent/")
     node, *path = params, *key.split(".")
     for part in path[:-1]:
         node = node[part]

@@ -56,7 +56,9 @@ def command(project, stage: str, out) -> list[str]:
 
 
 def run(project, stage, out, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # One thread, MKL's too: torch takes its thread count from MKL_NUM_THREADS when that is set (CI sets 2), and
+    # at two threads one image's posterior std once differed by 4e-4 between a CI run and its rerun.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen(command(project, stage, out), cwd=project, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 

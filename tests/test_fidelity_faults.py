@@ -78,7 +78,9 @@ def project(tmp_path_factory, demo_root, tiny_models):
 def extract(project, out, stop: tuple | None = None) -> subprocess.Popen:
     args = ["extract", "--backbone", "sd3", "--store", str(out), "--params", str(project / "params.yaml")]
     command = [sys.executable, "-c", STOPPER, *(map(str, stop) if stop else ("-", "-", "0")), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), REPO=str(REPO))
+    # One thread, MKL's too: torch takes its thread count from MKL_NUM_THREADS when that is set (CI sets 2), and
+    # at two threads one image's posterior std once differed by 4e-4 between a CI run and its rerun.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), REPO=str(REPO))
     return subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -4,6 +4,7 @@ does not, and DIFT's own evaluation (transcribed in tests/test_homography.py) fe
 descriptors gives this pipeline's accuracies."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ CANVAS, GRID = 256, 32  # a map of 32 x 32 cells over the squashed canvas (strid
 def demo(tmp_path_factory):
     root = generate(tmp_path_factory.mktemp("hpatches") / "hpatches-demo", HPatchesDemoSpec(seed=1, sequences=4))
     params = Params(datasets=DatasetsParams(hpatches=HPatchesParams(
-        root=str(root), keypoints=f"files:{root.parent / 'superpoint-1k'}", canvas=CANVAS,
+        root=str(root), keypoints="files", keypoint_files=str(root.parent / "superpoint-1k"), canvas=CANVAS,
         backbones={"position": DatasetBackbone(model="none")})))
     return root, params
 
@@ -48,7 +49,8 @@ def position_store(root, path, shuffle: bool = False, noise: float = 0.0) -> str
     back through H_1_k); `shuffle`: each target's map reversed along x; `noise`: Gaussian, seeded."""
     images = hpatches.images_table(root)
     table = images.assign(valid_x0=0.0, valid_y0=0.0, valid_x1=float(CANVAS), valid_y1=float(CANVAS))
-    attrs = {"kind": "features", "name": "position", "dataset": {"name": "hpatches"}, "determinants": {"shuffle": shuffle}}
+    attrs = {"kind": "features", "name": "position", "dataset": {"name": "hpatches"}, "preprocessing": {"canvas": CANVAS},
+             "determinants": {"shuffle": shuffle}}
     store = FeatureStore.create(path, attrs, table[["image", "category", "width", "height", "valid_x0", "valid_y0",
                                                     "valid_x1", "valid_y1"]], [0])
     truths = {(p.sequence, p.target): p.homography for p in hpatches.pairs(root)}
@@ -182,3 +184,30 @@ def test_download_fetches_the_release_the_reader_reads(tmp_path):
     assert folder == tmp_path / "data" / "hpatches-sequences-release"
     assert hpatches.images_table(folder).equals(hpatches.images_table(root))
     assert [p.sequence for p in hpatches.pairs(folder)] == [p.sequence for p in hpatches.pairs(root)]
+
+
+def test_a_study_of_one_kind_of_sequence_and_a_root_without_any(demo, tmp_path):
+    """`exclude` leaves only illumination sequences: the viewpoint columns are there, empty, and nothing fails;
+    a root that holds no sequence is one line, before any model loads."""
+    from dataclasses import replace
+
+    from pipeline.errors import PipelineError
+    from pipeline.evaluation.homography import best_variants, wide, write_metrics
+
+    root, params = demo
+    only_i = replace(params, datasets=DatasetsParams(hpatches=replace(
+        params.datasets.hpatches, exclude=[s for s in hpatches.sequences(root) if s.startswith("v_")])))
+    frame = match_store(only_i, "position", position_store(root, tmp_path / "exact.zarr"))
+    assert set(frame["kind"]) == {"i"} and len(frame) == 10
+    (tmp_path / "p").mkdir()
+    frame.to_parquet(tmp_path / "p" / "position.parquet")
+    summary = write_metrics([tmp_path / "p" / "position.parquet"], tmp_path / "metrics")
+    assert "all <= 1 px 100.0" in summary
+    table = pd.read_csv(tmp_path / "metrics" / "accuracy.csv")
+    assert wide(table)["v <= 3 px"].isna().all() and (wide(table)["i <= 1 px"] == 100.0).all()
+    assert best_variants(table)["position"]["accuracy"]["v <= 5 px"] is None
+    with pytest.raises(PipelineError) as failed:
+        hpatches.sequences(tmp_path / "metrics")
+    assert "\n" not in str(failed.value) and "no HPatches sequences here" in str(failed.value)
+    with pytest.raises(PipelineError, match="all left out by exclude"):
+        hpatches.sequences(root, exclude=hpatches.sequences(root))

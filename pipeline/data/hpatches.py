@@ -45,8 +45,13 @@ def sequences(root: str | Path, exclude: tuple[str, ...] | list[str] = D2NET_EXC
     if not root.is_dir():
         raise PipelineError(root, None, "no HPatches sequences here (expected <seq>/1.ppm ...)")
     skip = set(exclude)
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith(("i_", "v_")) and p.name not in skip)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(("i_", "v_")))
+    kept = [name for name in found if name not in skip]
+    if not kept:
+        raise PipelineError(root, None, f"no HPatches sequences here ({len(found)} i_*/v_* folders, all left out by "
+                                        "exclude)" if found else "no HPatches sequences here (expected "
+                                        "hpatches-sequences-release/<seq>/1.ppm ...)")
+    return kept
 
 
 def images_table(root: str | Path, exclude: tuple[str, ...] | list[str] = D2NET_EXCLUDED) -> pd.DataFrame:

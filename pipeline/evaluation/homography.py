@@ -46,7 +46,7 @@ def accuracy(pairs: pd.DataFrame, by: list[str], thresholds=THRESHOLDS) -> pd.Da
 
 
 IDENTITY = ("layer", "timestep", "transform")  # what names a variant within a backbone
-PROTOCOL = ("keypoints", "metric", "method")  # what names the protocol: the same for every row of one study
+PROTOCOL = ("keypoints", "canvas", "metric", "method", "ransac_threshold")  # the same for every row of one study
 VARIANT = ["backbone", *IDENTITY, *PROTOCOL]
 
 
@@ -64,10 +64,12 @@ def setting(table: pd.DataFrame) -> dict:
 
 
 def describe_setting(setting: dict) -> str:
-    """A protocol in words, e.g. `DIFT's HPatches protocol: sift:1000 keypoints, mutual nearest neighbours on
-    cosine similarity, cv2.findHomography lmeds; accuracy = % of pairs with mean corner error <= t px`."""
-    method = setting["method"] + (" (3 px)" if setting["method"] == "ransac" else "")
-    return (f"DIFT's HPatches protocol: {setting['keypoints']} keypoints, mutual nearest neighbours on "
+    """A protocol in words, e.g. `DIFT's HPatches protocol: sift:1000 keypoints, images squashed to 768 px, mutual
+    nearest neighbours on cosine similarity, cv2.findHomography lmeds; accuracy = % of pairs with mean corner
+    error <= t px`."""
+    method = setting["method"] + (f" ({setting['ransac_threshold']:g} px)" if setting["method"] == "ransac" else "")
+    return (f"DIFT's HPatches protocol: {setting['keypoints']} keypoints, images squashed to {setting['canvas']} px, "
+            f"mutual nearest neighbours on "
             f"{setting['metric']} {'similarity' if setting['metric'] == 'cosine' else 'distance'}, "
             f"cv2.findHomography {method}; accuracy = % of pairs with mean corner error <= t px")
 
@@ -80,7 +82,7 @@ def wide(table: pd.DataFrame, subsets=SUBSETS) -> pd.DataFrame:
     out = frame.pivot_table(index=keys, columns="column", values="accuracy", sort=False).reset_index()
     order = [column(s, t) for s in subsets for t in sorted(table["threshold"].unique())]
     pairs = chosen[chosen["subset"] == "all"].groupby(keys, sort=False)["pairs"].max() if "all" in subsets else None
-    out = out[keys + order]
+    out = out.reindex(columns=keys + order)  # a subset without pairs (no v_ sequence) stays, as NaN
     if pairs is not None:
         out = out.merge(pairs.reset_index(), on=keys)
     out.columns.name = None
@@ -97,7 +99,8 @@ def best_variants(table: pd.DataFrame) -> dict[str, dict]:
     for backbone, group in every.groupby("backbone", sort=True):
         top = group.loc[group["score"].idxmax()]
         best[backbone] = {"layer": top["layer"], "timestep": int(top["timestep"]), "transform": top["transform"],
-                          "accuracy": {c: round(float(top[c]), 4) for c in every.columns if " <= " in c},
+                          "accuracy": {c: None if pd.isna(top[c]) else round(float(top[c]), 4)
+                                       for c in every.columns if " <= " in c},
                           "pairs": int(top["pairs"])}
     return best
 

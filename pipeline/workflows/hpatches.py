@@ -27,8 +27,9 @@ from pipeline.matching.homography import match_pair, sample_descriptors
 from pipeline.matching.maps import StoreMaps
 from pipeline.matching.match import write_parquet_atomically
 
-PAIR_COLUMNS = ["backbone", "layer", "timestep", "transform", "keypoints", "metric", "method", "sequence", "target", "kind",
-                "keypoints_a", "keypoints_b", "matches", "inliers", "homography_found", "corner_error", "estimate"]
+PAIR_COLUMNS = ["backbone", "layer", "timestep", "transform", "keypoints", "canvas", "metric", "method", "ransac_threshold",
+                "sequence", "target", "kind", "keypoints_a", "keypoints_b", "matches", "inliers", "homography_found",
+                "corner_error", "estimate"]
 
 
 def dataset_attrs(dataset: HPatchesParams) -> dict:
@@ -59,10 +60,10 @@ def detect_sift(path: Path, count: int) -> np.ndarray:
 
 def keypoints(dataset: HPatchesParams, image: str, path: Path, width: int, height: int) -> np.ndarray:
     """An image's keypoints in its original pixels, as `datasets.hpatches.keypoints` says."""
-    source, _, value = dataset.keypoints.partition(":")
+    source, _, count = dataset.keypoints.partition(":")
     if source == "sift":
-        return detect_sift(path, int(value))
-    return hpatches.read_keypoints(hpatches.keypoint_file(Path(value), image), width, height)
+        return detect_sift(path, int(count))
+    return hpatches.read_keypoints(hpatches.keypoint_file(Path(dataset.keypoint_files), image), width, height)
 
 
 def match_store(params: Params, name: str, store_path: str | Path | None = None) -> pd.DataFrame:
@@ -79,28 +80,34 @@ def match_store(params: Params, name: str, store_path: str | Path | None = None)
     points = {image: keypoints(dataset, image, root / f"{image}.ppm", int(table.at[image, "width"]),
                                int(table.at[image, "height"])) for image in needed}
     transforms = params.match.transforms_for(name)
+    protocol = {"keypoints": dataset.keypoints, "canvas": maps.root.attrs.get("preprocessing", {}).get("canvas"),
+                "metric": dataset.metric, "method": dataset.method, "ransac_threshold": dataset.ransac_threshold}
+    by_sequence: dict[str, list] = {}
+    for pair in pairs:
+        by_sequence.setdefault(pair.sequence, []).append(pair)
     rows = []
     variants = [(layer, int(t), transform) for layer in maps.layers for t in maps.timesteps for transform in transforms]
     with tqdm(total=len(variants) * len(pairs), unit="pair", desc=f"hpatches {name}") as bar:
         for layer, timestep, transform in variants:
-            descriptors = {}
-            for image in needed:
-                feature_map = maps.load(image, layer, timestep, transform)
-                descriptors[image] = sample_descriptors(feature_map.features, points[image], feature_map.width,
-                                                        feature_map.height)
-            for pair in pairs:
-                a, b = f"{pair.sequence}/1", f"{pair.sequence}/{pair.target}"
-                result = match_pair(descriptors[a], points[a], descriptors[b], points[b], pair.homography,
-                                    int(table.at[a, "width"]), int(table.at[a, "height"]), dataset.metric, dataset.method,
-                                    dataset.ransac_threshold)
-                rows.append({"backbone": name, "layer": layer, "timestep": timestep, "transform": transform,
-                             "keypoints": dataset.keypoints, "metric": dataset.metric, "method": dataset.method,
-                             "sequence": pair.sequence, "target": pair.target, "kind": pair.kind,
-                             "keypoints_a": len(result["keypoints_a"]), "keypoints_b": len(result["keypoints_b"]),
-                             "matches": len(result["matches"]), "inliers": result["inliers"],
-                             "homography_found": result["homography_found"], "corner_error": result["corner_error"],
-                             "estimate": result["estimate"]})
-                bar.update()
+            for sequence, its_pairs in by_sequence.items():  # its six images' descriptors at a time
+                descriptors = {}
+                for image in [f"{sequence}/1"] + [f"{sequence}/{pair.target}" for pair in its_pairs]:
+                    feature_map = maps.load(image, layer, timestep, transform)
+                    descriptors[image] = sample_descriptors(feature_map.features, points[image], feature_map.width,
+                                                            feature_map.height)
+                a = f"{sequence}/1"
+                for pair in its_pairs:
+                    b = f"{sequence}/{pair.target}"
+                    result = match_pair(descriptors[a], points[a], descriptors[b], points[b], pair.homography,
+                                        int(table.at[a, "width"]), int(table.at[a, "height"]), dataset.metric,
+                                        dataset.method, dataset.ransac_threshold)
+                    rows.append({"backbone": name, "layer": layer, "timestep": timestep, "transform": transform, **protocol,
+                                 "sequence": sequence, "target": pair.target, "kind": pair.kind,
+                                 "keypoints_a": len(result["keypoints_a"]), "keypoints_b": len(result["keypoints_b"]),
+                                 "matches": len(result["matches"]), "inliers": result["inliers"],
+                                 "homography_found": result["homography_found"], "corner_error": result["corner_error"],
+                                 "estimate": result["estimate"]})
+                    bar.update()
     frame = pd.DataFrame(rows, columns=PAIR_COLUMNS)
     return frame
 
