@@ -4,7 +4,7 @@
 import sys
 from pathlib import Path
 
-from pipeline.demo import hpatches
+from pipeline.demo import davis, hpatches
 from pipeline.demo.dataset import DemoSpec, generate
 from pipeline.config import load_params
 from pipeline.data.download import DATASETS, download
@@ -18,6 +18,9 @@ def main(name: str) -> None:
     if spec.demo is not None and spec.demo.dataset == "hpatches":
         # No keypoint files: they would lie outside the stage's output; the demo's params detect SIFT points.
         hpatches.generate(root, hpatches.HPatchesDemoSpec(seed=spec.demo.seed, sequences=spec.demo.sequences, keypoints=None))
+        return
+    if spec.demo is not None and spec.demo.dataset == "davis":
+        davis.generate(root, davis.DavisDemoSpec(seed=spec.demo.seed, sequences=spec.demo.sequences, frames=spec.demo.frames))
         return
     if spec.demo is not None:
         generate(root, DemoSpec(spec.demo.seed, spec.demo.sources_per_category))

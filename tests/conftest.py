@@ -64,6 +64,24 @@ def store_files(path: Path) -> dict[str, bytes]:
             if p.is_file() and not p.relative_to(path).as_posix().startswith(timing)}
 
 
+def tree_files(base: Path) -> dict[str, bytes]:
+    """Every file under `base`, by relative path: what a generated dataset wrote, byte for byte."""
+    return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(Path(base).rglob("*")) if p.is_file()}
+
+
+def one_line_fault(call, *names) -> str:
+    """`call` raises a PipelineError of one line naming each of `names`; its text."""
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError) as info:
+        call()
+    text = str(info.value)
+    assert "\n" not in text
+    for name in names:
+        assert name in text, text
+    return text
+
+
 def differing_files(found: dict[str, bytes], expected: dict[str, bytes]) -> list[str]:
     """The keys two `store_files` disagree on, each with how (a failed comparison then names the files, not
     the whole stores' bytes)."""

@@ -193,7 +193,8 @@ def test_malformed_params_are_refused_before_any_work(key, value, errors, tmp_pa
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name in params["backbones"].values():  # models/ of a fresh clone: the ViT patch from the default
         name["model"] = name["model"].replace("models/", "absent/")
-    for section in (params["encoders"], params["datasets"]["hpatches"]["backbones"]):  # the same models
+    datasets = params["datasets"]
+    for section in (params["encoders"], datasets["hpatches"]["backbones"], datasets["davis"]["backbones"]):  # the same models
         for name in section.values():
             name["model"] = name["model"].replace("models/", "absent/")
     node, *path = params, *key.split(".")

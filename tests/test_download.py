@@ -246,9 +246,10 @@ def test_existing_folder_not_ours_is_left_alone(server, tmp_path):
 def test_unknown_dataset_and_registry():
     with pytest.raises(PipelineError) as error:
         download("x", "unused")
-    assert str(error.value) == "dataset: unknown dataset 'x'; expected one of ['hpatches', 'spair71k']"
+    assert str(error.value) == "dataset: unknown dataset 'x'; expected one of ['davis', 'hpatches', 'spair71k']"
     assert dl.DATASETS["spair71k"].url.endswith("/SPair-71k.tar.gz")
     assert dl.DATASETS["hpatches"].url.endswith("/hpatches-sequences-release.tar.gz")
+    assert dl.DATASETS["davis"].url.endswith("/DAVIS-2017-trainval-480p.zip") and dl.DATASETS["davis"].folder == "DAVIS"
 
 
 def test_cli_and_dvc_stage_download_the_dataset(server, tmp_path, monkeypatch):

@@ -38,6 +38,9 @@ def project(tmp_path):
     hpatches = params["datasets"]["hpatches"]
     hpatches["backbones"] = {name: hpatches["backbones"][name] for name in ("sd3", "vae-sd3")}
     params["download"]["hpatches-demo"]["demo"]["sequences"] = 2  # 12 images, 10 pairs
+    davis = params["datasets"]["davis"]
+    davis["backbones"] = {name: davis["backbones"][name] for name in ("sd3", "vae-sd3")}
+    params["download"]["davis-demo"]["demo"] |= {"sequences": 2, "frames": 4}  # 8 frames
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
@@ -67,7 +70,9 @@ def test_repro_then_noop_then_only_dependents(project):
         | {f"encode@{e}" for e in params["encoders"]} | {f"extract@{b}" for b in params["backbones"]} \
         | {f"match@{b}" for b in params["backbones"]} | {"evaluate", "report"} \
         | {"download@hpatches-demo", "hpatches-evaluate"} \
-        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")}
+        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")} \
+        | {"download@davis-demo", "davis-evaluate"} \
+        | {f"davis-{step}@{b}" for b in params["datasets"]["davis"]["backbones"] for step in ("extract", "propagate")}
     assert _stages_run(first) == expected
     assert (project / "data" / "prepared" / "pairs.parquet").is_file()
     for backbone in params["backbones"]:
@@ -90,7 +95,8 @@ def test_repro_then_noop_then_only_dependents(project):
     # nothing downstream of the folder runs again.
     assert _stages_run(_run(project, *dvc, "repro")) == {"model@tiny-sd3", "extract@vae-sd3", "match@vae-sd3",
                                                          "evaluate", "hpatches-extract@vae-sd3", "hpatches-match@vae-sd3",
-                                                         "hpatches-evaluate", "report"}
+                                                         "hpatches-evaluate", "davis-extract@vae-sd3",
+                                                         "davis-propagate@vae-sd3", "davis-evaluate", "report"}
     shown = _run(project, *dvc, "metrics", "show", "metrics/best")
     assert all(f"metrics/best/{b}.json" in shown for b in params["backbones"])
     shown = _run(project, *dvc, "metrics", "show", "metrics/hpatches/accuracy.json")
@@ -98,6 +104,9 @@ def test_repro_then_noop_then_only_dependents(project):
     plotted = pd.read_csv(project / "metrics" / "hpatches" / "plot.csv")
     assert set(plotted["backbone"]) == {"sd3", "vae-sd3"} and sorted(set(plotted["threshold"])) == [1, 3, 5]
     assert "## Geometric correspondence: HPatches homography estimation" in (project / "reports" / "index.md").read_text()
+    shown = _run(project, *dvc, "metrics", "show", "metrics/davis/jf.json")
+    assert all(f"{b}.J&F" in shown for b in ("sd3", "vae-sd3")), shown
+    assert "## Temporal correspondence: DAVIS-2017 label propagation" in (project / "reports" / "index.md").read_text()
     # `dvc plots show`: one plot per question, one series per backbone (not per variant).
     for curve in ("pck_vs_depth", "pck_vs_timestep"):
         series = pd.read_csv(project / "metrics" / "plots" / f"{curve}.csv")["series"]

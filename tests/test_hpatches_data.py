@@ -10,7 +10,7 @@ import pytest
 from pipeline.data import hpatches
 from pipeline.data.hpatches import Pair, images_table, keypoint_file, pairs, read_homography, read_keypoints
 from pipeline.demo.hpatches import HPatchesDemoSpec, generate
-from pipeline.errors import PipelineError
+from conftest import one_line_fault, tree_files
 
 SPEC = HPatchesDemoSpec(seed=0, sequences=4)
 
@@ -26,20 +26,6 @@ def copy(demo, tmp_path):
     shutil.copytree(demo, tmp_path / demo.name)
     shutil.copytree(demo.parent / SPEC.keypoints, tmp_path / SPEC.keypoints)
     return tmp_path / demo.name
-
-
-def _files(base):
-    return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
-
-
-def _fault(call, *names):
-    with pytest.raises(PipelineError) as info:
-        call()
-    text = str(info.value)
-    assert "\n" not in text
-    for name in names:
-        assert name in text, text
-    return text
 
 
 def _apply(matrix, points):
@@ -132,9 +118,9 @@ def test_homography_maps_image_one_pixels_to_image_k_pixels(demo):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a = _files(generate(tmp_path / "a" / "hp", HPatchesDemoSpec(seed=3, sequences=2)).parent)
-    b = _files(generate(tmp_path / "b" / "hp", HPatchesDemoSpec(seed=3, sequences=2)).parent)
-    c = _files(generate(tmp_path / "c" / "hp", HPatchesDemoSpec(seed=4, sequences=2)).parent)
+    a = tree_files(generate(tmp_path / "a" / "hp", HPatchesDemoSpec(seed=3, sequences=2)).parent)
+    b = tree_files(generate(tmp_path / "b" / "hp", HPatchesDemoSpec(seed=3, sequences=2)).parent)
+    c = tree_files(generate(tmp_path / "c" / "hp", HPatchesDemoSpec(seed=4, sequences=2)).parent)
     assert a == b
     assert a.keys() == c.keys() and len(a) == 2 * (6 + 5 + 6)
     for name in ("hp/i_demo0/1.ppm", "hp/v_demo0/3.ppm", "hp/v_demo0/H_1_3", "superpoint-1k/v_demo0-4.kp"):
@@ -155,16 +141,16 @@ def test_excluded_sequences_are_skipped_by_default(copy):
 
 
 def test_missing_root_image_and_homography(copy, tmp_path):
-    _fault(lambda: hpatches.sequences(tmp_path / "nowhere"), "nowhere", "no HPatches sequences here")
+    one_line_fault(lambda: hpatches.sequences(tmp_path / "nowhere"), "nowhere", "no HPatches sequences here")
     (copy / "v_demo1" / "4.ppm").unlink()
-    _fault(lambda: images_table(copy), "v_demo1/4.ppm", "missing image")
+    one_line_fault(lambda: images_table(copy), "v_demo1/4.ppm", "missing image")
     (copy / "v_demo0" / "H_1_5").unlink()
-    _fault(lambda: pairs(copy), "v_demo0/H_1_5", "missing ground-truth homography")
+    one_line_fault(lambda: pairs(copy), "v_demo0/H_1_5", "missing ground-truth homography")
 
 
 def test_unreadable_image_is_one_line(copy):
     (copy / "i_demo1" / "2.ppm").write_bytes(b"P6\n320 240\n255\n" + b"\0" * 100)  # truncated
-    _fault(lambda: images_table(copy), "i_demo1/2.ppm")
+    one_line_fault(lambda: images_table(copy), "i_demo1/2.ppm")
 
 
 @pytest.mark.parametrize("text, why", [
@@ -177,8 +163,8 @@ def test_unreadable_image_is_one_line(copy):
 def test_malformed_homography(copy, text, why):
     path = copy / "v_demo0" / "H_1_3"
     path.write_text(text)
-    message = _fault(lambda: pairs(copy), "v_demo0/H_1_3", "malformed homography", why)
-    assert message == _fault(lambda: read_homography(path))
+    message = one_line_fault(lambda: pairs(copy), "v_demo0/H_1_3", "malformed homography", why)
+    assert message == one_line_fault(lambda: read_homography(path))
 
 
 def test_keypoint_faults(copy, tmp_path):
@@ -193,17 +179,17 @@ def test_keypoint_faults(copy, tmp_path):
     assert single.shape == (1, 2) and single.dtype == np.float64 and single.tolist() == [[1.5, 2.5]]
 
     path.write_text("1 2 3\n4 5 6\n")
-    _fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "must have 2 columns (x y), found 3")
+    one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "must have 2 columns (x y), found 3")
     path.write_text("1 2\n4 5 6\n")
-    _fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "2 columns")
+    one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "2 columns")
     path.write_text(f"1 2\n{width - 1} 5\n{width - 0.5} 5\n")
-    _fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp",
+    one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp",
            f"keypoint 2 at ({width - 0.5:g}, 5) is outside the {width}x{height} image")
     path.write_text("3 -0.25\n")
-    _fault(lambda: read_keypoints(path, width, height), "keypoint 0 at (3, -0.25) is outside")
+    one_line_fault(lambda: read_keypoints(path, width, height), "keypoint 0 at (3, -0.25) is outside")
     path.write_text("3 4\nnan 4\n")
-    _fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "keypoint 1 is not finite")
-    _fault(lambda: read_keypoints(tmp_path / "gone-1.kp", width, height), "gone-1.kp", "missing")
+    one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "keypoint 1 is not finite")
+    one_line_fault(lambda: read_keypoints(tmp_path / "gone-1.kp", width, height), "gone-1.kp", "missing")
     edges = np.array([[0, 0], [width - 1, height - 1]], float)
     np.savetxt(path, edges, fmt="%.4f")
     assert (read_keypoints(path, width, height) == edges).all()  # the pixel centres at the edges are inside

@@ -25,10 +25,11 @@ def test_profile_is_consistent(path):
         assert pixels or backbone.latents in params.encoders, name
         assert pixels == (backbone.kind in ("dinov2", "clip")), name
     assert set(params.match.transforms) <= set(params.backbones)
-    for name, spec in params.download.items():  # prepare and the hpatches stages read what download unpacks
-        assert spec.root in (params.data.root, params.datasets.hpatches.root), name
-    assert params.datasets.hpatches.root in {spec.root for spec in params.download.values()}
-    assert set(params.datasets.hpatches.backbones) <= set(params.backbones)
+    for name, spec in params.download.items():  # prepare, the hpatches and davis stages read what download unpacks
+        assert spec.root in (params.data.root, params.datasets.hpatches.root, params.datasets.davis.root), name
+    for dataset in (params.datasets.hpatches, params.datasets.davis):
+        assert dataset.root in {spec.root for spec in params.download.values()}
+        assert set(dataset.backbones) <= set(params.backbones)
 
 
 def test_unknown_parameter_is_named(tmp_path):

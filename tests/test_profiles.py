@@ -49,7 +49,9 @@ def test_every_profile_parses_and_plans_every_stage(scratch, profile):
         | {f"canvas@{c}" for c in params.get("canvases") or {}} \
         | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")} \
         | {"hpatches-evaluate"} | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"]
-                                  for step in ("extract", "match")}
+                                  for step in ("extract", "match")} \
+        | {"davis-evaluate"} | {f"davis-{step}@{b}" for b in params["datasets"]["davis"]["backbones"]
+                               for step in ("extract", "propagate")}
     assert planned(scratch, profile) == expected
 
 
@@ -81,3 +83,5 @@ def test_a_backbone_on_hpatches_needs_only_its_own_model_and_the_dataset(scratch
     # Not SPair (no download@spair71k, no prepare) and not the other models.
     assert planned(scratch, REPO / "profiles" / "spair71k.yaml", "hpatches-extract@sd3") == \
         {"download@hpatches", "model@sd3-medium", "hpatches-extract@sd3"}
+    assert planned(scratch, REPO / "profiles" / "spair71k.yaml", "davis-extract@sd2") == \
+        {"download@davis", "model@sd2-1", "davis-extract@sd2"}

@@ -7,7 +7,8 @@ with the network replaced by stand-ins on 127.0.0.1.
   must not fetch. The gated repositories answer 401 until a token is sent.
 - An HTTP server serves a generated SPair-71k tarball (the exact layout, SPair-like image sizes) to
   `download@spair71k`, which loses the connection once and resumes with a Range request; another serves a
-  generated HPatches tarball (the release's layout, two sequences) to `download@hpatches`.
+  generated HPatches tarball (the release's layout, two sequences) to `download@hpatches`, and a third a
+  generated DAVIS-2017 zip (the release's layout, two videos of three frames) to `download@davis`.
 
 What the test changes in the profile it reads, and nothing else, is DEPARTURES.
 """
@@ -39,19 +40,24 @@ DEPARTURES = [
     "encoders.*.dtype, backbones.*.dtype: float32 (float16 needs a GPU; bfloat16 is slow on the CPU)",
     "download.spair71k.url: the local server; download.spair71k.sha256: the generated tarball's digest",
     "download.hpatches.url: the local server; download.hpatches.sha256: the generated tarball's digest",
+    "download.davis.url: the local server; download.davis.sha256: the generated zip's digest",
+    "datasets.davis.device: cpu",
 ]
 # SPair-71k's aspect ratios (its images are ~500 x 375) at 3/5 of the side: DIFT's matching costs in proportion
 # to the target's pixels, and the sd2-vs-sd3 profile matches 288 variants (twice: the fidelity sample too).
 SPAIR_SIZES = ((300, 225), (225, 300), (300, 200))
 
 
-def with_departures(profile: dict, url: str, sha256: str, hpatches_url: str, hpatches_sha256: str) -> dict:
+def with_departures(profile: dict, url: str, sha256: str, hpatches_url: str, hpatches_sha256: str, davis_url: str,
+                    davis_sha256: str) -> dict:
     for section in ("encoders", "backbones"):
         for entry in profile[section].values():
             entry |= {"device": "cpu", "dtype": "float32"}
     profile["match"]["device"] = "cpu"
     profile["download"]["spair71k"] |= {"url": url, "sha256": sha256}
     profile["download"]["hpatches"] |= {"url": hpatches_url, "sha256": hpatches_sha256}
+    profile["download"]["davis"] |= {"url": davis_url, "sha256": davis_sha256}
+    profile["datasets"]["davis"]["device"] = "cpu"
     return profile
 
 
@@ -79,6 +85,21 @@ def hpatches_tarball(base: Path) -> bytes:
     return buffer.getvalue()
 
 
+def davis_zip(base: Path) -> bytes:
+    """DAVIS-2017-trainval-480p.zip: the demo's generator in the release's layout (DAVIS/...), two videos of
+    three frames (one, then two objects)."""
+    import zipfile
+
+    from pipeline.demo.davis import DavisDemoSpec, generate
+
+    root = generate(base / "DAVIS", DavisDemoSpec(seed=0, sequences=2, frames=3))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for path in sorted(root.rglob("*")):
+            bundle.write(path, (Path("DAVIS") / path.relative_to(root)).as_posix())
+    return buffer.getvalue()
+
+
 def serve(body: bytes):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.serving = Serving(body=body)
@@ -88,9 +109,10 @@ def serve(body: bytes):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> dict:
-    """The two archives the real profiles download, each on its own local server."""
+    """The three archives the real profiles download, each on its own local server."""
     running = {"spair71k": serve(spair_tarball(tmp_path_factory.mktemp("spair"))),
-               "hpatches": serve(hpatches_tarball(tmp_path_factory.mktemp("hpatches")))}
+               "hpatches": serve(hpatches_tarball(tmp_path_factory.mktemp("hpatches"))),
+               "davis": serve(davis_zip(tmp_path_factory.mktemp("davis")))}
     yield running
     for httpd in running.values():
         httpd.shutdown()
@@ -131,13 +153,15 @@ def stages_run(output: str) -> set[str]:
 def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, servers, snapshots):
     from pipeline.models.realsize import REAL_MODELS
 
-    spair_server, hpatches_server = servers["spair71k"], servers["hpatches"]
+    spair_server, hpatches_server, davis_server = servers["spair71k"], servers["hpatches"], servers["davis"]
     shipped = yaml.safe_load((REPO / "profiles" / name).read_text())
     body = spair_server.serving.body
     url = f"http://127.0.0.1:{spair_server.server_address[1]}/SPair-71k.tar.gz"
     hpatches_url = f"http://127.0.0.1:{hpatches_server.server_address[1]}/hpatches-sequences-release.tar.gz"
+    davis_url = f"http://127.0.0.1:{davis_server.server_address[1]}/DAVIS-2017-trainval-480p.zip"
     params = with_departures(shipped, url, hashlib.sha256(body).hexdigest(), hpatches_url,
-                             hashlib.sha256(hpatches_server.serving.body).hexdigest())
+                             hashlib.sha256(hpatches_server.serving.body).hexdigest(), davis_url,
+                             hashlib.sha256(davis_server.serving.body).hexdigest())
     root = scratch_project(tmp_path, params)
     repos = {model["source"]: (model["revision"], snapshots[model["source"]]) for model in params["models"].values()}
     gated = {source for source in repos if REAL_MODELS[source].gated}
@@ -176,7 +200,9 @@ def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, servers, sn
         | {f"encode@{e}" for e in params["encoders"]} | {f"canvas@{c}" for c in params.get("canvases") or {}} \
         | {f"{stage}@{b}" for b in params["backbones"] for stage in ("extract", "match")} \
         | {"download@hpatches", "hpatches-evaluate"} \
-        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")}
+        | {f"hpatches-{step}@{b}" for b in params["datasets"]["hpatches"]["backbones"] for step in ("extract", "match")} \
+        | {"download@davis", "davis-evaluate"} \
+        | {f"davis-{step}@{b}" for b in params["datasets"]["davis"]["backbones"] for step in ("extract", "propagate")}
     assert stages_run(first.stdout) == expected
     assert stages_run(again.stdout) == set()
     assert "up to date" in status.stdout
@@ -190,6 +216,9 @@ def test_the_real_profile_runs_end_to_end_as_shipped(name, tmp_path, servers, sn
     assert (root / "reports" / "index.md").is_file()
     accuracy = json.loads((root / "metrics" / "hpatches" / "accuracy.json").read_text())
     assert set(accuracy) - {"protocol"} == set(params["datasets"]["hpatches"]["backbones"])
+    scores = json.loads((root / "metrics" / "davis" / "jf.json").read_text())
+    assert set(scores) - {"protocol"} == set(params["datasets"]["davis"]["backbones"])
+    assert "Temporal correspondence: DAVIS-2017" in (root / "reports" / "index.md").read_text()
     # What the model stages fetched: configs, tokenizers and the default-precision weights of the components
     # used; never a single-file checkpoint, a .bin duplicate or an fp16 variant.
     assert fetched and not any(path.endswith((".bin", ".fp16.safetensors", ".ckpt")) for path in fetched), fetched

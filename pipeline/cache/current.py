@@ -1,6 +1,7 @@
 """Is a features store what the current parameters and code would build? Every reader asks before it serves
-one (cli.py match, search, explore, show, inspect, propagate; the `match@<backbone>` and `hpatches-match@<backbone>`
-stages; the explorer). A store of HPatches' images is compared with what `hpatches-extract` would build.
+one (cli.py match, search, explore, show, inspect, propagate; the `match@<backbone>`, `hpatches-match@<backbone>`
+and `davis-propagate@<backbone>` stages; the explorer). A store of another dataset's images (HPatches, DAVIS) is
+compared with what that dataset's extract stage would build.
 
 `extract` refuses to resume a store built with other parameters, model or code, and DVC rebuilds it; a
 reader compares the same fingerprint: the store's recorded `fingerprint` against the one `extract` would
@@ -24,6 +25,7 @@ from pipeline.cache import store
 from pipeline.cache.extract import _determinants
 from pipeline.cache.provenance import differences
 from pipeline.cache.store import FeatureStore
+from pipeline.config import TASK_DATASETS
 from pipeline.errors import PipelineError
 
 
@@ -39,16 +41,19 @@ def _latents_attrs(path: Path, recorded: dict) -> dict:
     return {"fingerprint": recorded.get("latents")}
 
 
-def is_hpatches(attrs: dict) -> bool:
-    """A store of HPatches' images (pipeline/workflows/hpatches.py), built with datasets.hpatches' changes."""
-    return (attrs.get("dataset") or {}).get("name") == "hpatches"
+def dataset_of(attrs: dict) -> str | None:
+    """"hpatches" or "davis" for a store of that dataset's images (pipeline/workflows/<dataset>.py), built with
+    datasets.<dataset>'s changes; None for SPair's."""
+    name = (attrs.get("dataset") or {}).get("name")
+    return name if name in TASK_DATASETS else None
 
 
-def expected_determinants(recorded: dict, name: str, params, hpatches: bool = False) -> dict:
+def expected_determinants(recorded: dict, name: str, params, dataset: str | None = None) -> dict:
     """The determinants `extract` would record now for params.yaml's backbone `name` (`recorded`: the
-    store's, for what cannot be checked here); `hpatches`: for its store of HPatches' images."""
-    if hpatches:
-        spec, latents = params.hpatches_backbone(name), params.hpatches_latents(params.backbone(name).latents)
+    store's, for what cannot be checked here); `dataset`: for its store of that dataset's images."""
+    if dataset:
+        spec = params.dataset_backbone(dataset, name)
+        latents = params.dataset_latents(dataset, params.backbone(name).latents)
     else:
         spec = params.backbone(name)
         latents = params.latents_path(spec.latents)
@@ -74,14 +79,14 @@ def _stale(path, params, source: str) -> tuple[str, str] | None:
     """(the store's name, why it is stale), or None for a current or a foreign store."""
     attrs = FeatureStore.open(path).attrs
     recorded, name = attrs.get("determinants"), attrs.get("name")
-    hpatches = is_hpatches(attrs)
+    dataset = dataset_of(attrs)
     if attrs.get("kind") != "features" or not isinstance(recorded, dict) or name not in params.backbones \
-            or (hpatches and name not in params.datasets.hpatches.backbones):
+            or (dataset and name not in params.dataset(dataset).backbones):
         return None
     if store.fingerprint(recorded) != attrs.get("fingerprint"):
         return name, (f"its fingerprint {attrs.get('fingerprint')} does not match the parameters recorded in it "
                       "(its attributes were edited or damaged)")
-    expected = expected_determinants(recorded, name, params, hpatches)
+    expected = expected_determinants(recorded, name, params, dataset)
     if store.fingerprint(expected) == attrs["fingerprint"]:
         return None
     changes = ", ".join(_what_differs(recorded, expected)) or "determinants differ"
@@ -109,8 +114,8 @@ def check_current(path: str | Path, params, allow_stale: bool, source: str | Pat
     name, why = found
     if allow_stale:
         return f"warning: {path}: stale: {why}; read anyway ({anyway or 'allow_stale'})"
-    if is_hpatches(FeatureStore.open(path).attrs):
-        rebuild = f"`dvc repro --force --single-item hpatches-extract@{name}`"
+    if dataset := dataset_of(FeatureStore.open(path).attrs):
+        rebuild = f"`dvc repro --force --single-item {dataset}-extract@{name}`"
     elif _same_place(path, params.store_path(name)):
         rebuild = f"`dvc repro --force --single-item extract@{name}`, or `cli.py extract --backbone {name} --overwrite`"
     else:

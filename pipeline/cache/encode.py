@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -32,16 +33,30 @@ from pipeline.data.images import open_rgb
 from pipeline.errors import PipelineError, report_skipped
 from pipeline.models import hub
 
-CANVAS_MODES = ("squash", "pad", "center")
+CANVAS_MODES = ("squash", "pad", "center", "short-side")
 # Per mode: PIL's resampling filter and the padding's value in [-1, 1] (`center`: GeoAware-SC's uint8 0).
+# short-side: DIFT's DAVIS frames go through cv2.resize's default (bilinear, no antialiasing) instead.
 RESAMPLING = {"squash": Image.Resampling.BICUBIC, "pad": Image.Resampling.BICUBIC, "center": Image.Resampling.LANCZOS}
-PAD_VALUE = {"squash": 0.0, "pad": 0.0, "center": -1.0}
+PAD_VALUE = {"squash": 0.0, "pad": 0.0, "center": -1.0, "short-side": 0.0}
+LONG_SIDE_MULTIPLE = 32  # short-side: DIFT's read_frame floors the long side to it (Tsingularity/dift @ 9421eb2, eval_davis.py)
+
+
+def canvas_shape(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
+    """(W, H) of the canvas of a width x height image: size x size, or for `short-side` the short side `size`
+    and the long side scaled with it, floored to a multiple of 32 (DIFT: 854 x 480 -> 832 x 480)."""
+    if mode != "short-side":
+        return size, size
+    if height > width:
+        return size, int((size * height / width) // LONG_SIDE_MULTIPLE * LONG_SIDE_MULTIPLE)
+    return int((size * width / height) // LONG_SIDE_MULTIPLE * LONG_SIDE_MULTIPLE), size
 
 
 def canvas_layout(width: int, height: int, size: int, mode: str) -> tuple[int, int, int, int]:
-    """(x0, y0, w, h): where a width x height image lies on a size x size canvas, and its resized size."""
+    """(x0, y0, w, h): where a width x height image lies on its canvas (`canvas_shape`), and its resized size."""
     if mode == "squash":
         return 0, 0, size, size
+    if mode == "short-side":
+        return 0, 0, *canvas_shape(width, height, size, mode)
     if mode == "pad":
         scale = size / max(width, height)
         return 0, 0, max(1, round(width * scale)), max(1, round(height * scale))
@@ -55,12 +70,17 @@ def canvas_layout(width: int, height: int, size: int, mode: str) -> tuple[int, i
 
 
 def load_canvas(path: Path, size: int, mode: str) -> torch.Tensor:
-    """The image as a (3, size, size) tensor in [-1, 1]."""
+    """The image as a (3, H, W) tensor in [-1, 1], (W, H) its `canvas_shape`."""
     rgb = open_rgb(path)
     x0, y0, w, h = canvas_layout(rgb.width, rgb.height, size, mode)
     # In float64, then float32: the values the uint8 storage of a pixels store decodes to (codecs.UINT8_LOSSLESS).
-    pixels = (np.asarray(rgb.resize((w, h), RESAMPLING[mode]), dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
-    canvas = np.full((size, size, 3), PAD_VALUE[mode], np.float32)
+    if mode == "short-side":  # DIFT's read_frame: cv2.resize(img, (tw, th)) of the uint8 frame
+        resized = cv2.resize(np.asarray(rgb), (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        resized = np.asarray(rgb.resize((w, h), RESAMPLING[mode]))
+    pixels = (np.asarray(resized, dtype=np.float64) / 127.5 - 1.0).astype(np.float32)
+    canvas_width, canvas_height = canvas_shape(rgb.width, rgb.height, size, mode)
+    canvas = np.full((canvas_height, canvas_width, 3), PAD_VALUE[mode], np.float32)
     canvas[y0:y0 + h, x0:x0 + w] = pixels
     return torch.from_numpy(canvas).permute(2, 0, 1)
 
@@ -73,6 +93,21 @@ def images_on_canvas(images: pd.DataFrame, size: int, mode: str) -> pd.DataFrame
     table["valid_x0"], table["valid_y0"] = layout[:, 0], layout[:, 1]
     table["valid_x1"], table["valid_y1"] = layout[:, 0] + layout[:, 2], layout[:, 1] + layout[:, 3]
     return table
+
+
+def store_canvas(table: pd.DataFrame, size: int, mode: str, where: str | Path) -> tuple[int, int]:
+    """(W, H) of the canvas every image of a store shares: a store's arrays have one grid, so images whose
+    `short-side` canvases differ (a portrait among landscapes) are refused before anything is encoded."""
+    shapes = {canvas_shape(int(w), int(h), size, mode) for w, h in zip(table["width"], table["height"])}
+    if len(shapes) > 1:
+        first = table.iloc[0]
+        first_shape = canvas_shape(int(first["width"]), int(first["height"]), size, mode)
+        other = next(row for row in table.itertuples() if canvas_shape(row.width, row.height, size, mode) != first_shape)
+        raise PipelineError(where, "canvas", f"{other.image} ({other.width} x {other.height}) would have a "
+                            f"{'x'.join(map(str, canvas_shape(other.width, other.height, size, mode)))} canvas, "
+                            f"{first['image']} a {first_shape[0]}x{first_shape[1]} one: a store holds one canvas "
+                            "shape (W x H)")
+    return shapes.pop() if shapes else (size, size)
 
 
 def peak_memory(device: torch.device) -> int:
@@ -94,6 +129,7 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     itself as the mean, std 0, so pixel-space backbones read it the same way). Resumes an interrupted run.
     `on_error: skip` records an unreadable image's reason in the store and goes on."""
     table = images_on_canvas(images, params.canvas, params.canvas_mode)
+    canvas_size = store_canvas(table, params.canvas, params.canvas_mode, out)
     device = hub.resolve_device(params.device)
     dtype = hub.resolve_dtype(params.dtype, device)
     vae, factors = None, {"scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": 3}
@@ -109,9 +145,11 @@ def encode(params: EncoderParams, images: pd.DataFrame, dataset_root: str | Path
     attrs = {"kind": "latents", "encoder": params.kind, "model": params.model, "canvas": params.canvas,
              "canvas_mode": params.canvas_mode, "dtype": params.dtype, "device": str(device), "dataset": dataset or {},
              **factors, "determinants": determinants}
+    if params.canvas_mode == "short-side":
+        attrs["canvas_size"] = list(canvas_size)  # (W, H); a square canvas is canvas x canvas
     if check_disk:
         pending = FeatureStore.pending_count(out, determinants, len(table))
-        sizes.check_disk(out, sizes.latents_bytes_per_image(params, factors["latent_channels"]) * pending, pending)
+        sizes.check_disk(out, sizes.latents_bytes_per_image(params, factors["latent_channels"], canvas_size) * pending, pending)
     skipped = []
     with store.writer_lock(out), store.writing(out):
         latents = FeatureStore.create(out, attrs, table, None, replace)
@@ -168,7 +206,7 @@ def _encode_image(latents: FeatureStore, index: int, key: str, vae, path: Path, 
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise PipelineError(path, None, "the VAE gave non-finite latents for this image")
     h, w, c = mean.shape
-    stride = params.canvas / h
+    stride = pixels.shape[1] / h  # canvas rows a cell (a rectangular canvas's `canvas` is its short side)
     node = latents.ensure_layer(
         "posterior", {"mean": (("y", "x", "channel"), (h, w, c)), "std": (("y", "x", "channel"), (h, w, c))},
         {"y": (np.arange(h) + 0.5) * stride, "x": (np.arange(w) + 0.5) * stride, "channel": np.arange(c)},

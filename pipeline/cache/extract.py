@@ -81,6 +81,7 @@ def extract(params: BackboneParams, name: str, latents_path: str | Path, out: st
     attrs = {
         "kind": "features", "name": name, "backbone": params.kind, "model": params.model,
         "preprocessing": {"canvas": latents_attrs["canvas"], "canvas_mode": latents_attrs["canvas_mode"],
+                          **({"canvas_size": latents_attrs["canvas_size"]} if "canvas_size" in latents_attrs else {}),
                           "latents_store": str(latents_path)},
         "prompt": params.prompt, "ensemble": params.ensemble, "seed": params.seed, "latent": params.latent,
         "noise": params.noise, "dtype": params.dtype, "device": params.device, "dataset": latents_attrs["dataset"],
@@ -199,7 +200,8 @@ class _Images:
         their fitted axes); opened once, so that a codec's setup is not redone for every image."""
         if self.arrays is not None:
             return self.arrays
-        canvas = self.latents_attrs["canvas"]
+        # canvas rows a cell: a rectangular canvas (DAVIS's) records its (W, H); a square one is canvas x canvas
+        canvas = (self.latents_attrs.get("canvas_size") or [self.latents_attrs["canvas"]] * 2)[1]
         opened = []
         for layer in self.params.layers:
             features = maps[(layer, "features")]  # (timestep, y, x, channel)

@@ -46,8 +46,9 @@ def meta_run(backbone: BackboneParams, latents_attrs: dict, configs: Path) -> Me
     parts = ConfigParts(configs, dtype=torch_dtype(backbone.dtype, "backbones"))
     model = make_backbone(one, {**latents_attrs, "model": backbone.model}, parts, ["plan"])
     model.check_layers(backbone.layers)
-    side = latents_attrs["canvas"] // VAE_FACTOR if latents_attrs.get("encoder", "vae") == "vae" else latents_attrs["canvas"]
-    latent = torch.zeros(latents_attrs["latent_channels"], side, side)
+    width, height = latents_attrs.get("canvas_size") or (latents_attrs["canvas"],) * 2  # (W, H); square but DAVIS's
+    factor = VAE_FACTOR if latents_attrs.get("encoder", "vae") == "vae" else 1
+    latent = torch.zeros(latents_attrs["latent_channels"], height // factor, width // factor)
     with FlopCounterMode(display=False) as flops, LargestOutput() as largest:
         tensors = layer_tensors(one, model, "plan/x", "plan", latent, latent, one.timesteps[0])
     denoiser = model.denoiser()
@@ -126,10 +127,12 @@ def check_store_fits(out: str | Path, backbone: BackboneParams, latents_attrs: d
     check_disk(out, pending * stored_bytes(run, len(backbone.timesteps), backbone.storage), pending)
 
 
-def latents_bytes_per_image(encoder: EncoderParams, channels: int) -> int:
+def latents_bytes_per_image(encoder: EncoderParams, channels: int, canvas_size: tuple[int, int] | None = None) -> int:
+    """`canvas_size`: (W, H) of a rectangular canvas; default canvas x canvas."""
+    width, height = canvas_size or (encoder.canvas, encoder.canvas)
     if encoder.kind == "pixels":
-        return 2 * encoder.canvas**2 * channels  # the canvas and its std (0), uint8 (codecs.UINT8_LOSSLESS)
-    return 2 * (encoder.canvas // VAE_FACTOR) ** 2 * channels * 4  # mean and std, float32
+        return 2 * width * height * channels  # the canvas and its std (0), uint8 (codecs.UINT8_LOSSLESS)
+    return 2 * (width // VAE_FACTOR) * (height // VAE_FACTOR) * channels * 4  # mean and std, float32
 
 
 # ---- disk ---------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ expected.
 from __future__ import annotations
 
 import gzip
+import stat
 import hashlib
 import http.client
 import shutil
 import tarfile
+import zipfile
 import urllib.error
 import urllib.request
 import zlib
@@ -44,6 +46,10 @@ DATASETS = {
     # The URL d2-net's hpatches_sequences/download.sh fetches (d2-net 0a3356c6991c634ef4cce3ea6e07115202fb99a1).
     "hpatches": Dataset(url="http://icvl.ee.ic.ac.uk/vbalnt/hpatches/hpatches-sequences-release.tar.gz",
                         archive="hpatches-sequences-release.tar.gz", folder="hpatches-sequences-release", sha256=None),
+    # DAVIS-2017 train + val at 480p, the zip DIFT's README has davis-2017's data/get_davis.sh fetch
+    # (davisvideochallenge/davis-2017 3226015); it unpacks to DAVIS/.
+    "davis": Dataset(url="https://data.vision.ee.ethz.ch/jpont/davis/DAVIS-2017-trainval-480p.zip",
+                     archive="DAVIS-2017-trainval-480p.zip", folder="DAVIS", sha256=None),
 }
 
 
@@ -176,8 +182,11 @@ def _extract(archive: Path, folder: Path, digest: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     staging.mkdir()
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter=_member_filter)
+        if zipfile.is_zipfile(archive):  # DAVIS ships zips
+            _extract_zip(archive, staging)
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, filter=_member_filter)
         unpacked = staging / folder.name
         if not unpacked.is_dir():
             raise PipelineError(archive, None, f"has no top-level folder {folder.name!r}")
@@ -185,13 +194,25 @@ def _extract(archive: Path, folder: Path, digest: str) -> None:
         unpacked.rename(folder)
     except tarfile.FilterError as exc:
         raise PipelineError(archive, exc.tarinfo.name, f"unsafe member: {_unsafe(exc)}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         archive.unlink()
         archive.with_name(archive.name + ".sha256").unlink(missing_ok=True)
         raise PipelineError(archive, None, f"corrupt archive ({_why(exc)}); it was deleted, "
                                            "run again to download it afresh") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract_zip(archive: Path, staging: Path) -> None:
+    """A zip's members, each checked as tar members are: no absolute path, no `..`, no link."""
+    with zipfile.ZipFile(archive) as bundle:
+        for member in bundle.infolist():
+            parts = Path(member.filename).parts
+            if member.filename.startswith(("/", "\\")) or ".." in parts or ":" in member.filename:
+                raise PipelineError(archive, member.filename, "unsafe member: a path outside the destination")
+            if stat.S_ISLNK(member.external_attr >> 16):
+                raise PipelineError(archive, member.filename, "unsafe member: a link")
+        bundle.extractall(staging)
 
 
 def _member_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:

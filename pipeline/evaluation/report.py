@@ -218,16 +218,33 @@ def hpatches_sections(accuracy: pd.DataFrame) -> list[dict]:
                      "Accuracy (%) over all pairs at each threshold.", 1, text)]
 
 
+def davis_sections(scores: pd.DataFrame, best: dict) -> list[dict]:
+    """DAVIS-2017 label propagation (pipeline/evaluation/video_segmentation.py): each backbone's best variant
+    and the protocol as metrics/davis/jf.json has them, and every variant (jf.csv)."""
+    protocol = best["protocol"]
+    rows = [{"backbone": name, **b} for name, b in sorted(best.items()) if name != "protocol"]
+    note = ("J: region IoU, F: boundary F-measure, each averaged over frames per object, then over objects; J&F their "
+            "mean; recall: share of frames above 0.5; decay: first quarter minus last. Best variant: the highest J&F, "
+            "chosen on these videos. DIFT's published DAVIS figures (arXiv 2306.03881) are not shown: their table "
+            "could not be read where this was built.")
+    return [_section("davis", "Temporal correspondence: DAVIS-2017 label propagation", {}, rows, note, 3, protocol),
+            _section("davis_variants", "DAVIS: every variant", {}, scores, "J&F, J and F of every stored variant.", 3,
+                     protocol)]
+
+
 def write_report(out_dir: str | Path, findings: Findings, stores: dict[str, str], pairs: pd.DataFrame,
                  images: pd.DataFrame, root: str | Path, shown: dict[str, list[str]] | None = None,
-                 hpatches: pd.DataFrame | None = None) -> Path:
+                 hpatches: pd.DataFrame | None = None, davis: tuple[pd.DataFrame, dict] | None = None) -> Path:
     """reports/index.md and its twin index.json, with the figures they show; `hpatches`: the HPatches accuracy
-    table (metrics/hpatches/accuracy.csv), when the study has one."""
+    table (metrics/hpatches/accuracy.csv), `davis`: the DAVIS variant table and best variants
+    (metrics/davis/jf.csv, jf.json), when the study has them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     content = build(findings, stores)
     if hpatches is not None and len(hpatches):
         content["sections"] += hpatches_sections(hpatches)
+    if davis is not None and len(davis[0]):
+        content["sections"] += davis_sections(*davis)
     setting_text = content["headline_text"]
     by_depth, by_timestep = metrics.curve_tables(findings.table)
     figures.curve_figure(by_depth, "depth", out_dir / "pck_vs_depth.png", "relative layer depth",
@@ -251,6 +268,7 @@ def write_report(out_dir: str | Path, findings: Findings, stores: dict[str, str]
         sections["by_alpha"], sections["settings"], sections["by_category"], sections["by_flag"],
         sections["published"],
         *([sections["hpatches"], sections["hpatches_variants"]] if "hpatches" in sections else []),
+        *([sections["davis"], sections["davis_variants"]] if "davis" in sections else []),
         "## Similarity heatmaps", "",
         "Each backbone's best variant (and the layers `report.shown` names). Source with the query point; each "
         "target under its cosine map (0-1, viridis); white circle: true point, red cross: prediction.", "",

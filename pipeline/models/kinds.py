@@ -39,10 +39,14 @@ class Kind:
     def text_encoders(self) -> list[str]:
         return [name for name in self.components if name.startswith("text_encoder")]
 
-    def multiple_for(self, config: dict | None) -> tuple[int, str]:
+    def multiple_for(self, config: dict | None, resizing_grids: bool = False) -> tuple[int, str]:
         """(the canvas side must be a multiple of this, why), from the values of `config` (None: not known
-        yet, the least any model of the kind needs)."""
+        yet, the least any model of the kind needs). `resizing_grids`: a U-Net may meet a latent grid it cannot
+        halve evenly (DIFT's 480-px DAVIS frames: 60 -> 30 -> 15 -> 8 cells), as diffusers' U-Net then resizes
+        its up-sampled grids to the skip connections' (its `upsample_size`)."""
         config = config or {}
+        if self.name == "sd2" and resizing_grids:
+            return VAE_FACTOR, f"the VAE's {VAE_FACTOR} px; the U-Net resizes its odd grids on the way up"
         if self.reads_pixels:
             patch = config.get("patch_size") or config.get("vision_config", {}).get("patch_size") or 14
             return int(patch), "its patch"
@@ -56,12 +60,12 @@ class Kind:
             return VAE_FACTOR * 2, f"the VAE's {VAE_FACTOR} px x FLUX's 2 x 2 latent packing"
         return VAE_FACTOR, f"the VAE's {VAE_FACTOR} px"
 
-    def canvas_multiple(self, model: str | Path) -> tuple[int, str]:
+    def canvas_multiple(self, model: str | Path, resizing_grids: bool = False) -> tuple[int, str]:
         """`multiple_for` the model's config file where the model's folder is on disk."""
         path = Path(model) / self.config if self.config else None
         if path is None or not path.is_file():
-            return self.multiple_for(None)
-        multiple, why = self.multiple_for(json.loads(path.read_text()))
+            return self.multiple_for(None, resizing_grids)
+        multiple, why = self.multiple_for(json.loads(path.read_text()), resizing_grids)
         return multiple, f"{why}, {path}"
 
 

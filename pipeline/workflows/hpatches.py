@@ -38,16 +38,17 @@ def dataset_attrs(dataset: HPatchesParams) -> dict:
 
 
 def extract_store(params: Params, name: str, replace: str = "never", client=None) -> Path:
-    """Backbone `name`'s features of every HPatches image, in params.hpatches_store(name): the images through
-    the backbone's encoder on the dataset's square canvas (a latents store shared by the backbones of that
+    """Backbone `name`'s features of every HPatches image, in params.dataset_store("hpatches", name): the images
+    through the backbone's encoder on the dataset's square canvas (a latents store shared by the backbones of that
     encoder), then the backbone as datasets.hpatches.backbones.<name> changes it. Both resume."""
     dataset = params.datasets.hpatches
     images = hpatches.images_table(Path(dataset.root), exclude=dataset.exclude)
     encoder = params.backbone(name).latents
-    latents = encode(params.hpatches_encoder(name), images, dataset.root, params.hpatches_latents(encoder),
-                     replace="outdated", dataset=dataset_attrs(dataset), on_error="fail", check_disk=params.check_disk)
-    return extract(params.hpatches_backbone(name), name, latents, params.hpatches_store(name), replace=replace,
-                   client=client, on_error="fail", check_disk=params.check_disk)
+    latents = encode(params.dataset_encoder("hpatches", name), images, dataset.root,
+                     params.dataset_latents("hpatches", encoder), replace="outdated", dataset=dataset_attrs(dataset),
+                     on_error="fail", check_disk=params.check_disk)
+    return extract(params.dataset_backbone("hpatches", name), name, latents, params.dataset_store("hpatches", name),
+                   replace=replace, client=client, on_error="fail", check_disk=params.check_disk)
 
 
 def detect_sift(path: Path, count: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def match_store(params: Params, name: str, store_path: str | Path | None = None)
     """Every pair at every stored layer x timestep x transform: a row each (PAIR_COLUMNS)."""
     dataset = params.datasets.hpatches
     root = Path(dataset.root)
-    maps = StoreMaps(store_path or params.hpatches_store(name))
+    maps = StoreMaps(store_path or params.dataset_store("hpatches", name))
     pairs = hpatches.pairs(root, exclude=dataset.exclude)
     table = maps.images
     if maps.root.attrs.get("dataset", {}).get("name") != "hpatches":
@@ -114,7 +115,7 @@ def match_store(params: Params, name: str, store_path: str | Path | None = None)
 
 def match_to_file(params: Params, name: str, out: str | Path) -> Path:
     """The pair table of backbone `name`, written whole or not at all; a stale store is refused."""
-    check_current(params.hpatches_store(name), params, allow_stale=False, anyway=None)
+    check_current(params.dataset_store("hpatches", name), params, allow_stale=False, anyway=None)
     frame = match_store(params, name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

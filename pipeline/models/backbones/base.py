@@ -81,6 +81,7 @@ class Backbone:
         self.scaling_factor = float(latents_attrs["scaling_factor"])
         self.shift_factor = float(latents_attrs.get("shift_factor") or 0.0)
         self.canvas = int(latents_attrs["canvas"])
+        self.canvas_mode = latents_attrs.get("canvas_mode", "squash")
         prompts = {category: params.prompt.format(category=category) for category in sorted(set(categories))}
         with torch.no_grad():
             self.conditions = self.encode_prompts(prompts)

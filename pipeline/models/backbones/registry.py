@@ -49,7 +49,7 @@ def check_latents(params: BackboneParams, latents_attrs: dict) -> None:
 
 def check_canvas(backbone: Backbone) -> None:
     params = backbone.params
-    multiple, why = KINDS[params.kind].multiple_for(backbone.model_config())
+    multiple, why = KINDS[params.kind].multiple_for(backbone.model_config(), backbone.canvas_mode == "short-side")
     if backbone.canvas % multiple:
         raise PipelineError("params.yaml", "canvas", f"{backbone.canvas} px does not suit {params.kind} "
                             f"({params.model}): the canvas must be a multiple of {multiple} px ({why})")
