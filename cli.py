@@ -44,7 +44,7 @@ def _settings(params_file: Path):
 
 
 def _dask_options(command):
-    """--scheduler / --workers: run on dask.distributed (see README, "Distributed runs")."""
+    """--scheduler / --workers: run on dask.distributed (docs/guides/distributed.md)."""
     command = click.option("--workers", type=int, default=None,
                            help="Worker processes of a local dask cluster (1: no dask); default dask.workers.")(command)
     return click.option("--scheduler", default=None,

@@ -4,7 +4,7 @@ The dataclasses' annotations are the schema: types, ranges (`Annotated[int, Fiel
 (`Literal`), validated by pydantic before anything runs, unknown keys refused with a suggestion. Every
 problem is reported at once, one line each naming its key path (`backbones.sd2.ensemble: expected an
 integer >= 1, got 'two'`); the descriptions come from the schema's JSON Schema, which also writes the
-README's parameter reference (`python -m pipeline.config`), so the two cannot drift.
+parameter reference, docs/reference/params.md (`python -m pipeline.config`), so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -612,7 +612,7 @@ def _entries() -> dict[str, type]:
 
 
 def reference() -> str:
-    """The README's parameter reference, a Markdown table generated from the schema."""
+    """The parameter reference (docs/reference/params.md), a Markdown table generated from the schema."""
     rows = ["| key | expected | default |", "|---|---|---|"]
 
     def default(f, expected: str = "") -> str:

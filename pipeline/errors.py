@@ -25,6 +25,12 @@ class PipelineError(Exception):
         return PipelineError, (self.where, self.field, self.reason)
 
 
+def size_text(width: int, height: int) -> str:
+    """An image or canvas size as every message writes it: width first, as SPair's `imsize`, PIL and DAVIS do.
+    Arrays and feature grids are (rows, columns), height first; a message never prints their shapes for a size."""
+    return f"{width} x {height} (W x H)"
+
+
 # zarr's crc32c codec (pipeline/cache/codecs.py, CHECKSUM) refuses a damaged chunk with this ValueError.
 CHECKSUM_MISMATCH = "Stored and computed checksum do not match"
 

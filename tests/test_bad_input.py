@@ -149,7 +149,7 @@ def test_an_image_resized_to_half_fails_naming_it_both_sizes_and_its_pairs(root)
     with pytest.raises(PipelineError) as failed:
         load_split(root, "test")
     named = ", ".join(using[:3]) + (f" and {len(using) - 3} more" if len(using) > 3 else "")
-    assert one_line(failed) == (f"{root / IMAGE}: size: image is {width // 2}x{height // 2} but annotated {width}x{height} "
+    assert one_line(failed) == (f"{root / IMAGE}: size: image is {width // 2} x {height // 2} (W x H) but annotated {width} x {height} (W x H) "
                                 f"({first['filename']}.json {side}_imsize); used by {len(using)} pair(s): {named}")
     split = load_split(root, "test", on_error="skip")
     assert sorted(split.skipped["pair"]) == using and len(split.pairs) == len(fine.pairs) - len(using)

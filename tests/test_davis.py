@@ -183,8 +183,8 @@ def test_a_store_holds_one_canvas_shape(tmp_path):
     with pytest.raises(PipelineError) as refused:
         store_canvas(table, 480, "short-side", tmp_path / "x.zarr")
     message = str(refused.value)
-    assert "\n" not in message and "b/00000 (480 x 854) would have a 480x832 canvas" in message
-    assert "a/00000 a 832x480 one" in message
+    assert "\n" not in message and "b/00000, 480 x 854 (W x H), would have a 480 x 832 (W x H) canvas" in message
+    assert "a/00000 a 832 x 480 (W x H) one" in message
     assert store_canvas(table.iloc[:1], 480, "short-side", tmp_path / "x.zarr") == (832, 480)
 
 

@@ -26,7 +26,7 @@ def _run(cwd, *args):
 def project(tmp_path):
     root = copy_project(tmp_path / "project")
     # DVC's bookkeeping is what is under test: two backbones on one tiny model keep it to a few minutes
-    # (the whole demo runs in the README's quickstart).
+    # (the whole demo runs in the README's quickstart and in tests/test_examples.py).
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbones"] = {name: params["backbones"][name] for name in ("sd3", "vae-sd3")}
     params["backbones"]["sd3"] |= {"layers": ["transformer_blocks.1", "transformer_blocks.3"], "timesteps": [261]}

@@ -184,7 +184,7 @@ def test_keypoint_faults(copy, tmp_path):
     one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp", "2 columns")
     path.write_text(f"1 2\n{width - 1} 5\n{width - 0.5} 5\n")
     one_line_fault(lambda: read_keypoints(path, width, height), "v_demo0-1.kp",
-           f"keypoint 2 at ({width - 0.5:g}, 5) is outside the {width}x{height} image")
+           f"keypoint 2 at ({width - 0.5:g}, 5) is outside the {width} x {height} (W x H) image")
     path.write_text("3 -0.25\n")
     one_line_fault(lambda: read_keypoints(path, width, height), "keypoint 0 at (3, -0.25) is outside")
     path.write_text("3 4\nnan 4\n")

@@ -1,4 +1,4 @@
-"""The project's own structure: DVC dependencies derived from the imports, the README's layout table."""
+"""The project's own structure: DVC dependencies derived from the imports, the layout table of the docs."""
 
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ def test_no_real_stage_depends_on_the_fixtures():
 
 
 def _layout_rows() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "reference" / "layout.md").read_text()
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -109,7 +108,7 @@ def _layout_rows() -> dict[str, str]:
     return rows
 
 
-def test_readme_layout_table_matches_the_library_tree():
+def test_layout_table_matches_the_library_tree():
     rows = _layout_rows()
     folders = sorted(p.parent for p in (ROOT / "pipeline").rglob("__init__.py"))
     assert {f"{p.relative_to(ROOT).as_posix()}/" for p in folders} == set(rows)

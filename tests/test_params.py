@@ -39,10 +39,10 @@ def test_unknown_parameter_is_named(tmp_path):
         load_params(path)
 
 
-def test_readme_parameter_reference_is_the_schemas():
+def test_parameter_reference_page_is_the_schemas():
     from pipeline.config import reference
 
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- params -->\n", 1)[1].split("<!-- /params -->", 1)[0]
+    page = (REPO / "docs" / "reference" / "params.md").read_text()
+    block = page.split("<!-- params -->\n", 1)[1].split("<!-- /params -->", 1)[0]
     assert block == reference()
     assert "| `backbones.<name>.ensemble` | an integer >= 1 | `8` |" in block

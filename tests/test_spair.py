@@ -56,7 +56,7 @@ def _edit_pair(root: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"trg_kps": [[39, 145], [364, 171], [900, 173]]}, r"trg_kps\[2\]: keypoint \[900, 173\] outside the 500x332 image"),
+        ({"trg_kps": [[39, 145], [364, 171], [900, 173]]}, r"trg_kps\[2\]: keypoint \[900, 173\] outside the 500 x 332 \(W x H\) image"),
         ({"src_kps": [[212, 153]]}, r"src_kps: 1 keypoints but 3 kps_ids"),
         ({"trg_bndbox": [36, 92, 36, 200]}, r"trg_bndbox: zero-area box"),
         ({"kps_ids": [], "src_kps": [], "trg_kps": []}, r"kps_ids: no keypoints"),
@@ -95,7 +95,7 @@ def test_image_problems(spair_sample):
     from PIL import Image
 
     Image.new("RGB", (10, 10)).save(image)
-    with pytest.raises(PipelineError, match=r"2007_009889.jpg: size: image is 10x10 but annotated .*trg_imsize\); used by"):
+    with pytest.raises(PipelineError, match=r"2007_009889.jpg: size: image is 10 x 10 \(W x H\) but annotated .*trg_imsize\); used by"):
         load_split(spair_sample, "test")
 
 

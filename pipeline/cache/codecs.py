@@ -16,12 +16,12 @@ Every choice is a chain of Zarr v3 codecs, so the store stays a plain Zarr store
   projection onto one subspace (rescaled to its exact std), and the cosine of two decoded cells errs by
   about the product of their two residuals: second order in what the axes leave out, where rounding each
   value (int8 with per-channel and per-cell scales, measured and dropped; bfloat16) errs to first order
-  (README, "Storage", for the measurements).
+  (docs/measured/storage.md has the measurements).
 
 Whatever the choice, every chunk of every array (features, latents and the per-image tables alike) ends
 with its crc32c (`CHECKSUM`, Zarr v3's standard `crc32c` codec, last in the chain): any Zarr v3 reader
 verifies it on read, so a damaged chunk is an error, never a value (store schema 3; stores of schema 2
-have none, see README, "The store").
+have none, see docs/reference/store.md).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pipeline.cache.provenance import code_closure, library_versions, model_iden
 from pipeline.cache.store import FeatureStore
 from pipeline.config import EncoderParams
 from pipeline.data.images import open_rgb
-from pipeline.errors import PipelineError, report_skipped
+from pipeline.errors import PipelineError, report_skipped, size_text
 from pipeline.models import hub
 
 CANVAS_MODES = ("squash", "pad", "center", "short-side")
@@ -103,10 +103,9 @@ def store_canvas(table: pd.DataFrame, size: int, mode: str, where: str | Path) -
         first = table.iloc[0]
         first_shape = canvas_shape(int(first["width"]), int(first["height"]), size, mode)
         other = next(row for row in table.itertuples() if canvas_shape(row.width, row.height, size, mode) != first_shape)
-        raise PipelineError(where, "canvas", f"{other.image} ({other.width} x {other.height}) would have a "
-                            f"{'x'.join(map(str, canvas_shape(other.width, other.height, size, mode)))} canvas, "
-                            f"{first['image']} a {first_shape[0]}x{first_shape[1]} one: a store holds one canvas "
-                            "shape (W x H)")
+        raise PipelineError(where, "canvas", f"{other.image}, {size_text(other.width, other.height)}, would have a "
+                            f"{size_text(*canvas_shape(other.width, other.height, size, mode))} canvas, "
+                            f"{first['image']} a {size_text(*first_shape)} one: a store holds one canvas shape")
     return shapes.pop() if shapes else (size, size)
 
 

@@ -1,7 +1,7 @@
 """Zarr v3 stores: one per backbone run (features) and one per VAE x canvas (latents). `FeatureStore` is
 every access to one: create or resume, lock, write an image, mark it done, read its tables and nodes.
 
-Layout (see README, "The store"): root attrs describe the run and carry a fingerprint of every
+Layout (docs/reference/store.md): root attrs describe the run and carry a fingerprint of every
 parameter that determines the contents; root coordinates `image` and `timestep`; an `images` node
 with one row per image (category, original size, valid region on the canvas, completion flag,
 seconds, peak memory); one node per layer named by its module path, holding `features` with dims
@@ -478,7 +478,7 @@ def _sound(data: bytes) -> bool:
 
 
 def is_url(path) -> bool:
-    """An fsspec URL (s3://, gs://, memory://...): read-only here, see README "Object storage"."""
+    """An fsspec URL (s3://, gs://, memory://...): read-only here, see docs/guides/distributed.md, "Object storage"."""
     return "://" in str(path)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.images import image_size
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, size_text
 
 YEAR = "2017"
 RESOLUTION = "480p"
@@ -115,8 +115,8 @@ def images_table(root: str | Path, split: str = "val") -> pd.DataFrame:
                 size = (width, height)
                 _check_annotation_size(annotation_path(root, f"{seq}/{name}"), size)
             elif (width, height) != size:
-                raise PipelineError(root / path, None, f"frame is {width}x{height} (W x H), the sequence's first "
-                                                       f"frame {size[0]}x{size[1]}")
+                raise PipelineError(root / path, None, f"frame is {size_text(width, height)}, the sequence's "
+                                                       f"first frame {size_text(*size)}")
             rows.append({"image": f"{seq}/{name}", "path": path.as_posix(), "category": seq,
                          "width": int(width), "height": int(height), "sequence": seq, "frame": index})
     return pd.DataFrame(rows, columns=["image", "path", "category", "width", "height", "sequence", "frame"])
@@ -129,8 +129,8 @@ def _check_annotation_size(path: Path, size: tuple[int, int]) -> None:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise PipelineError(path, None, f"unreadable annotation ({exc})") from None
     if found != size:
-        raise PipelineError(path, None, f"annotation is {found[0]}x{found[1]} (W x H), its frame "
-                                        f"{size[0]}x{size[1]}")
+        raise PipelineError(path, None, f"annotation is {size_text(*found)}, its frame "
+                                        f"{size_text(*size)}")
 
 
 def annotation_path(root: str | Path, image_key: str) -> Path:

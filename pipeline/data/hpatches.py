@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.config import D2NET_EXCLUDED
 from pipeline.data.images import image_size
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, size_text
 
 INDICES = range(1, 7)  # image 1 is the reference of every pair; 2..6 are its targets
 
@@ -138,5 +138,5 @@ def read_keypoints(path: str | Path, width: int, height: int) -> np.ndarray:
     if outside.size:
         i = int(outside[0])
         raise PipelineError(path, None, f"keypoint {i} at ({x[i]:g}, {y[i]:g}) is outside the "
-                                        f"{width}x{height} image")
+                                        f"{size_text(width, height)} image")
     return points

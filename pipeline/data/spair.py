@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data.images import image_size
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, size_text
 
 SPLITS = ("trn", "val", "test")
 
@@ -105,7 +105,7 @@ def _check_side(path: Path, record: dict, side: str) -> None:
         # Boxes are VOC-style and may touch x == W, so a keypoint on that edge is accepted too.
         if not (0 <= x <= width and 0 <= y <= height):
             raise PipelineError(
-                path, f"{side}_kps[{i}]", f"keypoint {point} outside the {width}x{height} image"
+                path, f"{side}_kps[{i}]", f"keypoint {point} outside the {size_text(width, height)} image"
             )
 
 
@@ -202,7 +202,7 @@ def _image_row(root: Path, record: dict, side: str, key: str, users: list[str]) 
     actual = image_size(root / path)
     if actual != (width, height):
         named = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
-        raise PipelineError(root / path, "size", f"image is {actual[0]}x{actual[1]} but annotated {width}x{height} "
+        raise PipelineError(root / path, "size", f"image is {size_text(*actual)} but annotated {size_text(width, height)} "
                                                  f"({record['filename']}.json {side}_imsize); used by {len(users)} "
                                                  f"pair(s): {named}")
     return {"image": key, "category": record["category"], "name": Path(record[f"{side}_imname"]).stem,

@@ -9,7 +9,7 @@ classes. Every config file is the released one (pipeline/models/real_configs/) w
 fields narrowed (from pipeline/demo/tiny_models.py's configs): depths, block types, module paths, patch
 sizes, latent channels, VAE factors and scaling/shift factors, token lengths, schedulers and the weight
 files' precision are the real ones. So the rehearsal proves everything of the real profile except the
-learned values and the widths, on the CPU, at the profile's real canvases (what it takes: README, Tests).
+learned values and the widths, on the CPU, at the profile's real canvases (what it takes: docs/development.md).
 
 Tokenizers are the project's tiny ones (pipeline/models/tokenizers.py) in the real files' formats; T5's
 `spiece.model` is left out (the fast tokenizer reads tokenizer.json; writing a SentencePiece model needs

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.cache import store
 from pipeline.cache.current import check_current
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, size_text
 from pipeline.evaluation import metrics
 from pipeline.evaluation.figures import VIRIDIS, normalised
 from pipeline.matching.maps import StoreMaps, Variant
@@ -199,7 +199,7 @@ class Explorer:
             point = row["src_kps"][keypoint]
         width, height = (int(self.images.at[src, c]) for c in ("width", "height"))
         if not (0 <= point[0] < width and 0 <= point[1] < height):
-            raise PipelineError(None, "point", f"({point[0]}, {point[1]}) is outside the source image ({width} x {height})")
+            raise PipelineError(None, "point", f"({point[0]}, {point[1]}) is outside the source image, {size_text(width, height)}")
         point = np.array([[int(point[0]), int(point[1])]], np.int64)
         truth = ([int(v) for v in row["trg_kps"][keypoint]] if keypoint is not None else None)
         answers = []

@@ -347,8 +347,8 @@ def app(explorer: Explorer, token: str | None, host: str = "127.0.0.1", port: in
 
 @contextlib.contextmanager
 def _torch_threads(count: int):
-    """A click is many small tensor operations: on one thread they take less time than on several (README,
-    the explorer's speed; benchmarks/explore.py), as no thread pool is woken for each."""
+    """A click is many small tensor operations: on one thread they take less time than on several (the
+    explorer guide, Speed; benchmarks/explore.py), as no thread pool is woken for each."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, size_text
 from pipeline.matching.protocols import argmax_points
 
 CHUNK = 64  # queries per cosine batch: (CHUNK, H, W) float32 maps at a time
@@ -136,13 +136,16 @@ def propagate(maps, layer: str, timestep: int, src_key: str, trg_key: str, src_i
     source, target = maps.load(src_key, layer, int(timestep)), maps.load(trg_key, layer, int(timestep))
     for name, image, fmap in (("source", src_image, source), ("target", trg_image, target)):
         if image.ndim != 3 or image.shape[2] != 3:
-            raise PipelineError(where, name, f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+            raise PipelineError(where, name, f"expected an RGB image, got {image.ndim} dimensions"
+                                             f"{'' if image.ndim != 3 else f' with {image.shape[2]} channels'}")
         if image.shape[:2] != (fmap.height, fmap.width):
-            raise PipelineError(where, name, f"image is {image.shape[1]}x{image.shape[0]} but the store has "
-                                             f"{fmap.width}x{fmap.height} for it")
+            raise PipelineError(where, name, f"image is {size_text(image.shape[1], image.shape[0])} but the "
+                                             f"store has {size_text(fmap.width, fmap.height)} for it")
     if edit.ndim != 3 or edit.shape[2] != 4 or edit.shape[:2] != src_image.shape[:2]:
+        found = (f"{size_text(edit.shape[1], edit.shape[0])} with {edit.shape[2]} channels" if edit.ndim == 3
+                 else f"{edit.ndim} dimensions")
         raise PipelineError(where, "edit", f"expected an RGBA edit of the source's size "
-                                           f"{src_image.shape[1]}x{src_image.shape[0]}, got shape {edit.shape}")
+                                           f"{size_text(src_image.shape[1], src_image.shape[0])}, got {found}")
     if max_points < 4:
         raise PipelineError(where, "max_points", f"need at least 4 points to fit a homography, got {max_points}")
     mask = edit[..., 3] > 0

@@ -33,7 +33,7 @@ OBJECT_COLUMNS = ["backbone", "layer", "timestep", "transform", "temperature", "
 
 
 def dataset_attrs(dataset: DavisParams) -> dict:
-    """What a store of DAVIS frames records as its dataset (the store contract, README)."""
+    """What a store of DAVIS frames records as its dataset (the store contract, docs/reference/store.md)."""
     return {"name": "davis", "task": dataset.task, "root": dataset.root, "split": dataset.split}
 
 

@@ -33,7 +33,7 @@ PAIR_COLUMNS = ["backbone", "layer", "timestep", "transform", "keypoints", "canv
 
 
 def dataset_attrs(dataset: HPatchesParams) -> dict:
-    """What a store of HPatches images records as its dataset (the store contract, README)."""
+    """What a store of HPatches images records as its dataset (the store contract, docs/reference/store.md)."""
     return {"name": "hpatches", "task": dataset.task, "root": dataset.root, "exclude": list(dataset.exclude)}
 
 
