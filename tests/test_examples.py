@@ -146,3 +146,20 @@ def _page(url: str, patience: float = 60) -> bytes:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def test_the_readmes_links_lead_somewhere():
+    """The README is read on a forge, outside the site's --strict build: every relative link and image must name a
+    file of the repository (the report excepted: `dvc repro` writes it), and an anchor a heading of that page."""
+    text = (REPO / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(targets) > 10
+    for target in targets:
+        if target.startswith(("http://", "https://")) or target == "reports/index.md":
+            continue
+        path, _, anchor = target.partition("#")
+        assert (REPO / path).is_file(), target
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (REPO / path).read_text(), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
+            assert anchor in slugs, target
